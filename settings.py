@@ -1,0 +1,146 @@
+"""Typed settings read from config.yaml, checked once at start-up.
+
+An unknown key or a bad value stops start-up with a message that names the key
+(and suggests the closest known key for a typo). A few environment variables
+override paths and the listening address, for containers and service units.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from errors import ConfigError
+
+ENVIRONMENT_OVERRIDES = {
+    "ENCLAVE_HOST": ("server", "host"),
+    "ENCLAVE_PORT": ("server", "port"),
+    "ENCLAVE_MODELS_DIR": ("models_dir",),
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(7860, ge=1, le=65535)
+
+
+class ManagerSettings(_Strict):
+    policy: Literal["one_at_a_time", "vram_budget"] = "one_at_a_time"
+    gpu_memory_budget_gb: float = Field(24.0, gt=0)
+    keep_alive_s: float = 300.0
+    wait_timeout_s: float = Field(600.0, gt=0)
+
+
+class GenerationDefaults(_Strict):
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(512, ge=1, le=32768)
+    seed: int = -1
+
+
+class ChatSettings(_Strict):
+    model: str = "mistral-7b-instruct-v0.2.Q4_K_M.gguf"
+    context_size: int = Field(4096, ge=256, le=131072)
+    gpu_layers: int | Literal["auto"] = "auto"
+    threads: int | Literal["auto"] = "auto"
+    system_prompt: str = "You are a helpful assistant."
+    max_message_chars: int = Field(32000, ge=1)
+    defaults: GenerationDefaults = GenerationDefaults()
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be 'auto' or a whole number of at least 1")
+        return value
+
+
+class Settings(_Strict):
+    server: ServerSettings = ServerSettings()
+    models_dir: Path = Path("models")
+    manager: ManagerSettings = ManagerSettings()
+    chat: ChatSettings = ChatSettings()
+
+    def model_path(self, name: str) -> Path:
+        """A model path from config: absolute as written, else under models_dir."""
+        path = Path(name).expanduser()
+        return path if path.is_absolute() else self.models_dir / path
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read config.yaml (or defaults when path is None), apply env overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(path)
+    _apply_environment(raw, environ or {})
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, path)) from None
+    if path is not None and not settings.models_dir.is_absolute():
+        # Relative model folders are relative to the config file, not the shell's cwd.
+        settings = settings.model_copy(update={"models_dir": path.parent / settings.models_dir})
+    return settings
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found; copy config.yaml from the project or pass --config") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings at the top level")
+    return data
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for variable, keys in ENVIRONMENT_OVERRIDES.items():
+        if variable not in environ:
+            continue
+        section = raw
+        for key in keys[:-1]:
+            section = section.setdefault(key, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"'{key}' in config must be a mapping to apply {variable}")
+        section[keys[-1]] = environ[variable]
+
+
+def _describe(error: ValidationError, path: Path | None) -> str:
+    source = str(path) if path is not None else "settings"
+    lines = [f"{source} has {error.error_count()} problem(s):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{key}'{_suggestion(item['loc'])}")
+        else:
+            lines.append(f"  - '{key}': {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _suggestion(location: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = Settings
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    known = list(model.model_fields)
+    close = difflib.get_close_matches(str(location[-1]), known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{hint}; known keys here: {', '.join(known)}"
