@@ -49,11 +49,18 @@ class GenerationParams:
     top_p: float = 0.95
     max_tokens: int = 512
     seed: int = -1  # -1: a fresh random seed per request (reported back)
+    repeat_penalty: float = 1.1
     stop: tuple[str, ...] = ()
 
     @classmethod
     def from_defaults(cls, defaults: GenerationDefaults) -> GenerationParams:
-        return cls(defaults.temperature, defaults.top_p, defaults.max_tokens, defaults.seed)
+        return cls(
+            temperature=defaults.temperature,
+            top_p=defaults.top_p,
+            max_tokens=defaults.max_tokens,
+            seed=defaults.seed,
+            repeat_penalty=defaults.repeat_penalty,
+        )
 
     def override(self, **values: Any) -> GenerationParams:
         """A copy with the given values (None means keep), checked."""
@@ -70,6 +77,8 @@ class GenerationParams:
             raise BadInputError(f"temperature must be between 0 and 2, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise BadInputError(f"top_p must be above 0 and at most 1, got {self.top_p}")
+        if not 0.5 <= self.repeat_penalty <= 2:
+            raise BadInputError(f"repeat_penalty must be between 0.5 and 2, got {self.repeat_penalty}")
         if self.max_tokens < 1:
             raise BadInputError(f"max_tokens must be at least 1, got {self.max_tokens}")
 
@@ -149,9 +158,10 @@ def load_chat_model(spec: LoadSpec) -> LoadedModel:
     eos_text = _token_text(llama, llama.token_eos())
     bos_text = _token_text(llama, llama.token_bos())
     formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text)
+    system_role = _supports_system_role(formatter)
 
     def render(messages: Sequence[Message]) -> tuple[str, list[str]]:
-        result = formatter(messages=_fold_system_if_unsupported(formatter, messages))
+        result = formatter(messages=messages if system_role else _fold_system_into_first_user_turn(messages))
         stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
         return result.prompt, stop
 
@@ -165,20 +175,22 @@ def _token_text(llama: Any, token: int) -> str:
     return llama.detokenize([token], special=True).decode("utf-8", errors="ignore")
 
 
-def _fold_system_if_unsupported(formatter: Any, messages: Sequence[Message]) -> list[Message]:
-    """Some templates (Mistral's) reject a system turn: fold it into the first user turn."""
-    messages = list(messages)
-    if not messages or messages[0]["role"] != "system":
-        return messages
+def _supports_system_role(formatter: Any) -> bool:
+    """Some templates (Mistral's) raise on a system turn; learn it once, at load."""
     try:
-        formatter(messages=messages)
-        return messages
+        formatter(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
     except Exception:
-        system, rest = messages[0], messages[1:]
-        if rest and rest[0]["role"] == "user":
-            first = {"role": "user", "content": f"{system['content']}\n\n{rest[0]['content']}"}
-            return [first, *rest[1:]]
-        return rest
+        return False
+    return True
+
+
+def _fold_system_into_first_user_turn(messages: Sequence[Message]) -> list[Message]:
+    if not messages or messages[0]["role"] != "system":
+        return list(messages)
+    system, rest = messages[0], list(messages[1:])
+    if rest and rest[0]["role"] == "user":
+        rest[0] = {"role": "user", "content": f"{system['content']}\n\n{rest[0]['content']}"}
+    return rest
 
 
 # ----------------------------------------------------------------------------
@@ -419,6 +431,7 @@ class ChatService:
             max_tokens=fitted.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
+            repeat_penalty=params.repeat_penalty,
             seed=seed,
             stop=[*fitted.stop, *params.stop],
             stream=True,

@@ -23,20 +23,17 @@ def build_parser(default_config: Path) -> argparse.ArgumentParser:
         prog="main.py",
         description="Enclave: a local, offline AI workstation (chat in the browser, an HTTP API, a CLI).",
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=default_config,
-        help="settings file (default: %(default)s; ENCLAVE_CONFIG overrides)",
-    )
-    parser.add_argument("--verbose", action="store_true", help="log more detail to stderr")
+    parser.set_defaults(config=default_config, verbose=False)
+    _add_common_options(parser)
     _add_server_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="start the web UI and API (the default command)")
+    _add_common_options(serve)
     _add_server_options(serve)
 
     chat = commands.add_parser("chat", help="answer one prompt, streamed to stdout")
+    _add_common_options(chat)
     chat.add_argument("prompt", help="the prompt, or - to read it from stdin")
     chat.add_argument("--system", help="system prompt (default from config)")
     chat.add_argument("--temperature", type=float)
@@ -46,8 +43,18 @@ def build_parser(default_config: Path) -> argparse.ArgumentParser:
     return parser
 
 
+# Options are accepted before or after the command: SUPPRESS keeps a value given
+# before the command from being reset by the command's own parser.
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, default=argparse.SUPPRESS, help="settings file (default: config.yaml beside main.py)"
+    )
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="log more detail")
+
+
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
-    # SUPPRESS lets both `main.py --port N` and `main.py serve --port N` work.
     parser.add_argument(
         "--host", default=argparse.SUPPRESS, help="address to listen on (default from config: server.host)"
     )
@@ -63,9 +70,6 @@ def run_chat(args: argparse.Namespace, chat: ChatService, stdin: TextIO, stdout:
         params = chat.defaults.override(
             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
         )
-        notice = chat.resolve_model().notice
-        if notice:
-            print(f"note: {notice}", file=stderr)
         stream = chat.stream([{"role": "user", "content": prompt}], params, system_prompt=args.system, cancel=cancel)
         for piece in stream:
             stdout.write(piece)

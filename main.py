@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     default_config = Path(os.environ.get("ENCLAVE_CONFIG", DEFAULT_CONFIG))
     args = build_parser(default_config).parse_args(argv)
     command = args.command or "serve"
+    serving = command == "serve"
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO if command == "serve" else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if args.verbose else logging.INFO if serving else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if serving else "%(levelname)s: %(message)s",
     )
     try:
         settings = load_settings(args.config, os.environ)

@@ -143,6 +143,7 @@ class ResidentInfo:
     size_bytes: int
     last_used: float
     in_use: bool
+    held_by_caller: bool = False  # the requester itself holds it: waiting for it would never end
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,11 @@ class EvictionPlan:
 def plan_eviction(
     needed_bytes: int, resident: Sequence[ResidentInfo], policy: Policy, budget_bytes: int
 ) -> EvictionPlan:
-    """Decide what must go before a model of ``needed_bytes`` can load."""
+    """Decide what must go before a model of ``needed_bytes`` can load.
+
+    Models in use are never evicted: the plan names those to wait for instead,
+    the fewest, least recently used first, and the caller's own only as a last resort.
+    """
     if needed_bytes > budget_bytes:
         return EvictionPlan(
             refuse_reason=(
@@ -163,11 +168,12 @@ def plan_eviction(
             )
         )
     least_recent_first = sorted(resident, key=lambda r: r.last_used)
-    busy = tuple(r.key for r in least_recent_first if r.in_use)
     idle = [r for r in least_recent_first if not r.in_use]
+    busy = [r for r in least_recent_first if r.in_use and not r.held_by_caller]
+    busy += [r for r in least_recent_first if r.held_by_caller]
     if policy == "one_at_a_time":
         if busy:
-            return EvictionPlan(wait_for=busy)
+            return EvictionPlan(wait_for=tuple(r.key for r in busy))
         return EvictionPlan(evict=tuple(r.key for r in idle))
     total = needed_bytes + sum(r.size_bytes for r in resident)
     evict: list[Hashable] = []
@@ -176,9 +182,15 @@ def plan_eviction(
             break
         evict.append(candidate.key)
         total -= candidate.size_bytes
-    if total > budget_bytes:
-        return EvictionPlan(wait_for=busy)
-    return EvictionPlan(evict=tuple(evict))
+    if total <= budget_bytes:
+        return EvictionPlan(evict=tuple(evict))
+    wait_for: list[Hashable] = []
+    for candidate in busy:
+        if total <= budget_bytes:
+            break
+        wait_for.append(candidate.key)
+        total -= candidate.size_bytes
+    return EvictionPlan(wait_for=tuple(wait_for))
 
 
 # ----------------------------------------------------------------------------
@@ -314,22 +326,20 @@ class ModelManager:
                 while True:
                     entry = self._entries.get(spec)
                     if entry is not None and entry.state is ModelState.READY:
-                        if entry.drain_waiters == 0 or spec in self._held.counts:
+                        # A model others wait to see idle takes no new users, except from a
+                        # thread that already holds a model: making it wait could deadlock.
+                        if entry.drain_waiters == 0 or self._held.counts:
                             entry.refs += 1
                             entry.last_used = self._clock()
                             return entry
                     elif entry is None and not self._transition_in_progress:
                         needed, plan = self._plan_for(spec)
+                        self._drain(draining, [self._entries[key] for key in plan.wait_for])
                         if not plan.wait_for:
                             victims = [self._entries[key] for key in plan.evict]
                             loading = self._begin_transition(spec, needed, victims)
                             break
                         self._refuse_self_deadlock(spec, plan.wait_for)
-                        for key in plan.wait_for:
-                            blocker = self._entries[key]
-                            if blocker not in draining:
-                                blocker.drain_waiters += 1
-                                draining.append(blocker)
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise BusyError(
@@ -338,16 +348,24 @@ class ModelManager:
                         )
                     self._cond.wait(remaining)
             finally:
-                for blocker in draining:
-                    blocker.drain_waiters -= 1
-                if draining:
-                    self._cond.notify_all()
+                self._drain(draining, [])
         return self._finish_transition(loading, victims)
+
+    def _drain(self, draining: list[_Entry], blockers: list[_Entry]) -> None:
+        """Under the lock: make ``blockers`` the models this request waits to see idle."""
+        if draining == blockers:
+            return
+        for entry in draining:
+            entry.drain_waiters -= 1
+        for entry in blockers:
+            entry.drain_waiters += 1
+        draining[:] = blockers
+        self._cond.notify_all()
 
     def _plan_for(self, spec: LoadSpec) -> tuple[int, EvictionPlan]:
         needed = self._loaders[spec.kind].estimate_bytes(spec)
         resident = [
-            ResidentInfo(e.spec, e.size_bytes, e.last_used, e.refs > 0)
+            ResidentInfo(e.spec, e.size_bytes, e.last_used, e.refs > 0, e.spec in self._held.counts)
             for e in self._entries.values()
             if e.state is ModelState.READY
         ]

@@ -44,6 +44,7 @@ class GenerationDefaults(_Strict):
     temperature: float = Field(0.7, ge=0, le=2)
     top_p: float = Field(0.95, gt=0, le=1)
     max_tokens: int = Field(512, ge=1, le=32768)
+    repeat_penalty: float = Field(1.1, ge=0.5, le=2)
     seed: int = -1
 
 

