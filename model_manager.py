@@ -466,6 +466,14 @@ class ModelManager:
 
     def _unload(self, entry: _Entry) -> None:
         """Drop every reference the manager holds, release caches, check memory came back."""
+        try:
+            self._release_memory(entry)
+        finally:
+            with self._cond:
+                self._entries.pop(entry.spec, None)
+                self._cond.notify_all()
+
+    def _release_memory(self, entry: _Entry) -> None:
         spec = entry.spec
         before = self._probe.used_bytes()
         started = time.perf_counter()
@@ -490,9 +498,6 @@ class ModelManager:
                 entry.measured_bytes / 2**20,
             )
         self._record("unload", spec.label, seconds, freed)
-        with self._cond:
-            self._entries.pop(spec, None)
-            self._cond.notify_all()
         log.info("unloaded %s in %.2f s, %.0f MiB freed", spec.label, seconds, freed / 2**20)
 
     def _wait_for_memory_back(self, before: int, expected: int) -> int:
@@ -520,7 +525,16 @@ class ModelManager:
         """Unload idle models past their keep-alive. Returns their labels."""
         if self.keep_alive_s < 0:
             return []
+        return self._unload_idle_for(self.keep_alive_s, wait_for_transition=False)
+
+    def unload_all(self) -> list[str]:
+        """Unload every idle model now (models in use stay). Returns their labels."""
+        return self._unload_idle_for(0.0, wait_for_transition=True)
+
+    def _unload_idle_for(self, min_idle_s: float, *, wait_for_transition: bool) -> list[str]:
         with self._cond:
+            if wait_for_transition:
+                self._cond.wait_for(lambda: not self._transition_in_progress, timeout=self.wait_timeout_s)
             if self._transition_in_progress:
                 return []
             now = self._clock()
@@ -530,7 +544,7 @@ class ModelManager:
                 if e.state is ModelState.READY
                 and e.refs == 0
                 and e.drain_waiters == 0
-                and now - e.last_used >= self.keep_alive_s
+                and now - e.last_used >= min_idle_s
             ]
             if not victims:
                 return []
@@ -545,14 +559,6 @@ class ModelManager:
                 self._transition_in_progress = False
                 self._cond.notify_all()
         return [v.spec.label for v in victims]
-
-    def unload_all(self) -> list[str]:
-        """Unload every idle model now (in-use models stay). Returns their labels."""
-        keep_alive, self.keep_alive_s = self.keep_alive_s, 0.0
-        try:
-            return self.unload_idle()
-        finally:
-            self.keep_alive_s = keep_alive
 
     def start_reaper(self, interval_s: float = 5.0) -> None:
         """Unload idle models in a background thread every ``interval_s`` seconds."""

@@ -87,6 +87,7 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
         settings = Settings.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(_describe(error, path)) from None
+    settings = settings.model_copy(update={"models_dir": settings.models_dir.expanduser()})
     if path is not None and not settings.models_dir.is_absolute():
         # Relative model folders are relative to the config file, not the shell's cwd.
         settings = settings.model_copy(update={"models_dir": path.parent / settings.models_dir})
@@ -123,14 +124,36 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
 
 def _describe(error: ValidationError, path: Path | None) -> str:
     source = str(path) if path is not None else "settings"
-    lines = [f"{source} has {error.error_count()} problem(s):"]
+    problems: dict[str, str] = {}
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"])
+        location = _settings_path(item["loc"])
+        key = ".".join(str(part) for part in location)
         if item["type"] == "extra_forbidden":
-            lines.append(f"  - unknown key '{key}'{_suggestion(item['loc'])}")
+            problems.setdefault(key, f"unknown key '{key}'{_suggestion(location)}")
+        elif key in problems:  # a value fitting neither side of "number or 'auto'": one problem
+            problems[key] = f"'{key}': must be 'auto' or a whole number (got {item.get('input')!r})"
         else:
-            lines.append(f"  - '{key}': {item['msg']} (got {item.get('input')!r})")
+            problems[key] = f"'{key}': {item['msg']} (got {item.get('input')!r})"
+    lines = [f"{source} has {len(problems)} problem(s):", *(f"  - {p}" for p in problems.values())]
     return "\n".join(lines)
+
+
+def _settings_path(location: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The part of pydantic's error location that names settings keys.
+
+    For a value that may be a number or 'auto', pydantic appends the union member
+    it tried ('int', "literal['auto']"): that part is not a key, so it is dropped.
+    """
+    model: type[BaseModel] = Settings
+    path: list[Any] = []
+    for part in location:
+        path.append(part)
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break  # an unknown key or a value: nothing below it is a key
+        model = annotation
+    return tuple(path)
 
 
 def _suggestion(location: tuple[Any, ...]) -> str:

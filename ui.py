@@ -6,6 +6,7 @@ the browser shows a sentence, never a traceback, and the user's text is kept.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from errors import AppError
 from model_manager import ManagerStatus, ModelManager
 
 MIB = 2**20
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,14 @@ def format_status(status: ManagerStatus) -> str:
         when = time.strftime("%H:%M:%S", time.localtime(last.at))
         lines += ["", f"Last: {last.action} {last.label} in {last.seconds:.2f} s at {when}"]
     return "\n".join(lines)
+
+
+def as_gradio_error(error: Exception) -> gr.Error:
+    """Typed errors carry a message for the user; anything else is a bug: log it, say so."""
+    if isinstance(error, AppError):
+        return gr.Error(str(error))
+    log.error("unexpected error in the UI", exc_info=error)
+    return gr.Error(f"Unexpected error ({type(error).__name__}: {error}). The app keeps running; the log has details.")
 
 
 # ----------------------------------------------------------------------------
@@ -151,8 +161,8 @@ def make_chat_handler(chat: ChatService):
                 seed=int(seed) if seed is not None else None,
             )
             stream = chat.stream([*earlier, {"role": "user", "content": message}], params, system_prompt=system_prompt)
-        except AppError as error:
-            raise gr.Error(str(error)) from None  # nothing yielded: the text stays in the box
+        except Exception as error:
+            raise as_gradio_error(error) from None  # nothing yielded: the text stays in the box
         shown: list[dict[str, Any]] = [
             *earlier,
             {"role": "user", "content": message},
@@ -163,9 +173,9 @@ def make_chat_handler(chat: ChatService):
             for piece in stream:
                 shown[-1]["content"] += piece
                 yield gr.skip(), shown
-        except AppError as error:
+        except Exception as error:
             yield message, earlier  # give the text back; nothing is lost
-            raise gr.Error(str(error)) from None
+            raise as_gradio_error(error) from None
         finally:
             stream.close()
         if stream.finish_reason == "length":

@@ -214,3 +214,27 @@ def test_load_spec_uses_physical_cores_and_cpu_layers(service: ChatService) -> N
     assert spec.option("threads") == physical_cores()
     assert spec.option("gpu_layers") == (-1 if gpu_offload_supported() else 0)
     assert spec.option("n_ctx") == 1024
+
+
+def test_templates_without_a_system_role_get_it_folded_into_the_first_user_turn() -> None:
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from chat import _fold_system_into_first_user_turn, _supports_system_role
+
+    # Like Mistral's template: only alternating user/assistant turns, or it raises.
+    strict = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+        "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}</s>{% endif %}"
+        "{% endfor %}"
+    )
+    formatter = Jinja2ChatFormatter(template=strict, eos_token="</s>", bos_token="<s>")
+    assert not _supports_system_role(formatter)
+    folded = _fold_system_into_first_user_turn(
+        [{"role": "system", "content": "Be brief."}, *ask("Hi"), {"role": "assistant", "content": "Hello"}]
+    )
+    assert folded[0] == {"role": "user", "content": "Be brief.\n\nHi"}
+    assert formatter(messages=folded).prompt.startswith("[INST] Be brief.\n\nHi [/INST]Hello</s>")
+    chatml = Jinja2ChatFormatter(
+        template="{% for m in messages %}{{ m['content'] }}{% endfor %}", eos_token="", bos_token=""
+    )
+    assert _supports_system_role(chatml)
