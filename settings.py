@@ -65,11 +65,53 @@ class ChatSettings(_Strict):
         return value
 
 
+class VisionGenerationDefaults(_Strict):
+    temperature: float = Field(0.2, ge=0, le=2)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_tokens: int = Field(512, ge=1, le=4096)
+    repeat_penalty: float = Field(1.0, ge=0.5, le=2)
+    seed: int = -1
+
+
+class VisionSettings(_Strict):
+    model: str = "llava-1.5-7b-hf"
+    precision: Literal["auto", "4bit", "8bit", "fp16", "bf16", "fp32"] = "auto"
+    max_image_pixels: int = Field(4_000_000, ge=10_000)
+    refuse_image_pixels: int = Field(100_000_000, ge=10_000)
+    default_question: str = "Describe this image in detail."
+    defaults: VisionGenerationDefaults = VisionGenerationDefaults()
+
+
+class ImageDefaults(_Strict):
+    negative_prompt: str = ""
+    width: int = Field(512, ge=64)
+    height: int = Field(512, ge=64)
+    steps: int = Field(25, ge=1)
+    guidance: float = Field(7.0, ge=0, le=30)
+    scheduler: Literal["euler_a", "dpmpp_2m_karras", "ddim", "euler"] = "euler_a"
+    seed: int = -1
+
+
+class ImageSettings(_Strict):
+    model: str = "stable-diffusion-v1-5"
+    family: Literal["auto", "sd15", "sdxl", "sdxl_turbo"] = "auto"
+    lora_dir: str = "lora"
+    outputs_dir: Path = Path("outputs")
+    min_size: int = Field(256, ge=64)
+    max_size: int = Field(2048, ge=64)
+    max_steps: int = Field(150, ge=1)
+    max_images: int = Field(8, ge=1)
+    vae_tiling_above_pixels: int = Field(1024 * 1024, ge=0)
+    defaults: ImageDefaults = ImageDefaults()
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     models_dir: Path = Path("models")
     manager: ManagerSettings = ManagerSettings()
     chat: ChatSettings = ChatSettings()
+    vision: VisionSettings = VisionSettings()
+    image: ImageSettings = ImageSettings()
 
     def model_path(self, name: str) -> Path:
         """A model path from config: absolute as written, else under models_dir."""
@@ -87,11 +129,20 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
         settings = Settings.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(_describe(error, path)) from None
-    settings = settings.model_copy(update={"models_dir": settings.models_dir.expanduser()})
-    if path is not None and not settings.models_dir.is_absolute():
-        # Relative model folders are relative to the config file, not the shell's cwd.
-        settings = settings.model_copy(update={"models_dir": path.parent / settings.models_dir})
-    return settings
+    base = path.parent if path is not None else None
+    outputs_dir = _anchor(settings.image.outputs_dir, base)
+    return settings.model_copy(
+        update={
+            "models_dir": _anchor(settings.models_dir, base),
+            "image": settings.image.model_copy(update={"outputs_dir": outputs_dir}),
+        }
+    )
+
+
+def _anchor(folder: Path, base: Path | None) -> Path:
+    """Relative folders are relative to the config file, not the shell's working directory."""
+    folder = folder.expanduser()
+    return folder if folder.is_absolute() or base is None else base / folder
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

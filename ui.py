@@ -14,9 +14,10 @@ from typing import Any
 
 import gradio as gr
 
-from chat import ChatService, Message
+from chat import ChatService
 from errors import AppError
 from model_manager import ManagerStatus, ModelManager
+from text_generation import Message
 
 MIB = 2**20
 log = logging.getLogger(__name__)

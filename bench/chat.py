@@ -19,7 +19,8 @@ import statistics
 import time
 from collections.abc import Iterator
 
-from chat import ChatService, GenerationParams, find_embedded_model, physical_cores
+from chat import ChatService, find_embedded_model, physical_cores
+from text_generation import GenerationParams
 from model_manager import ModelManager, detect_memory_probe
 from settings import ChatSettings
 

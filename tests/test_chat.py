@@ -11,8 +11,6 @@ import pytest
 from chat import (
     EMBEDDED_NAME,
     ChatService,
-    GenerationParams,
-    Message,
     check_gguf_file,
     fit_to_context,
     gpu_offload_supported,
@@ -21,6 +19,7 @@ from chat import (
 from errors import BadInputError, ModelLoadError, ModelMissingError
 from model_manager import CpuMemoryProbe, ModelManager
 from settings import ChatSettings
+from text_generation import GenerationParams, Message
 
 GREEDY = GenerationParams(temperature=0.0, top_p=1.0, max_tokens=24, seed=1)
 

@@ -12,6 +12,12 @@ from settings import ChatSettings, GenerationDefaults, ManagerSettings, ServerSe
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def unanchored(settings: Settings) -> Settings:
+    """The settings with the folders that load_settings anchors at the config file put back as written."""
+    image = settings.image.model_copy(update={"outputs_dir": Path("outputs")})
+    return settings.model_copy(update={"models_dir": Path("models"), "image": image})
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(text, encoding="utf-8")
@@ -60,7 +66,7 @@ def test_the_repos_config_yaml_equals_the_defaults_except_models_dir() -> None:
     assert settings.models_dir.is_absolute()
     assert settings.models_dir.parent == ROOT
     assert settings.models_dir.is_relative_to(ROOT)
-    assert settings.model_copy(update={"models_dir": Path("models")}) == Settings()
+    assert unanchored(settings) == Settings()
 
 
 def test_relative_models_dir_is_relative_to_the_config_file_not_the_cwd(
@@ -79,7 +85,7 @@ def test_absolute_models_dir_is_kept(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text", ["", "# only a comment\n"], ids=["empty", "comment-only"])
 def test_an_empty_file_gives_the_defaults(tmp_path: Path, text: str) -> None:
     settings = load_settings(write(tmp_path, text))
-    assert settings.model_copy(update={"models_dir": Path("models")}) == Settings()
+    assert unanchored(settings) == Settings()
     assert settings.models_dir == tmp_path / "models"
 
 
@@ -330,3 +336,8 @@ def test_a_bad_union_value_is_one_problem_named_by_its_key(tmp_path: Path, key: 
 def test_models_dir_with_a_tilde_is_the_home_folder(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, "models_dir: ~/models\n"))
     assert settings.models_dir == Path.home() / "models"
+
+
+def test_outputs_dir_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "image:\n  outputs_dir: pictures\n"))
+    assert settings.image.outputs_dir == tmp_path / "pictures"
