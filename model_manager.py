@@ -76,6 +76,16 @@ class Loader:
     estimate_bytes: Callable[[LoadSpec], int]
 
 
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A model a service can serve, for listings: its name, what it does, where its files are."""
+
+    name: str
+    capability: str  # "chat", "vision", "image", "speech"
+    path: str
+    present: bool
+
+
 # ----------------------------------------------------------------------------
 # Memory measurement
 # ----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ ENVIRONMENT_OVERRIDES = {
     "ENCLAVE_HOST": ("server", "host"),
     "ENCLAVE_PORT": ("server", "port"),
     "ENCLAVE_MODELS_DIR": ("models_dir",),
+    "ENCLAVE_API_KEY": ("server", "api_key"),
 }
 
 
@@ -31,6 +32,13 @@ class _Strict(BaseModel):
 class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=1, le=65535)
+    api_key: str | None = None
+    allow_unauthenticated_remote: bool = False
+    max_request_mb: float = Field(32.0, gt=0)
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
 
 
 class ManagerSettings(_Strict):
@@ -129,6 +137,7 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
         settings = Settings.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(_describe(error, path)) from None
+    require_safe_exposure(settings.server)
     base = path.parent if path is not None else None
     outputs_dir = _anchor(settings.image.outputs_dir, base)
     return settings.model_copy(
@@ -137,6 +146,15 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
             "image": settings.image.model_copy(update={"outputs_dir": outputs_dir}),
         }
     )
+
+
+def require_safe_exposure(server: ServerSettings) -> None:
+    """Refuse to serve an unauthenticated API beyond this machine unless told to."""
+    if not server.is_loopback and not server.api_key and not server.allow_unauthenticated_remote:
+        raise ConfigError(
+            f"server.host is {server.host}, reachable from other machines, but no API key is set: set "
+            "server.api_key (or ENCLAVE_API_KEY), or server.allow_unauthenticated_remote: true to accept the risk"
+        )
 
 
 def _anchor(folder: Path, base: Path | None) -> Path:

@@ -16,19 +16,12 @@ import gradio as gr
 
 from chat import ChatService
 from errors import AppError
-from model_manager import ManagerStatus, ModelManager
+from model_manager import ManagerStatus
+from services import Services
 from text_generation import Message
 
 MIB = 2**20
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Services:
-    """What the front ends share: one manager and the services borrowing from it."""
-
-    manager: ModelManager
-    chat: ChatService
 
 
 # ----------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_values_from_the_file_are_read(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         """
-server: {host: 0.0.0.0, port: 8080}
+server: {host: 0.0.0.0, port: 8080, api_key: k}
 manager: {policy: vram_budget, gpu_memory_budget_gb: 11.5, keep_alive_s: -1, wait_timeout_s: 5}
 chat:
   model: tiny.gguf
@@ -104,7 +104,7 @@ chat:
 """,
     )
     settings = load_settings(path)
-    assert settings.server == ServerSettings(host="0.0.0.0", port=8080)
+    assert settings.server == ServerSettings(host="0.0.0.0", port=8080, api_key="k")
     assert settings.manager == ManagerSettings(
         policy="vram_budget", gpu_memory_budget_gb=11.5, keep_alive_s=-1, wait_timeout_s=5
     )
@@ -247,8 +247,14 @@ def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_environment_overrides_host_port_and_models_dir(tmp_path: Path) -> None:
     path = write(tmp_path, "server:\n  host: 127.0.0.1\n  port: 7860\nmodels_dir: models\n")
-    environ = {"ENCLAVE_HOST": "0.0.0.0", "ENCLAVE_PORT": "9000", "ENCLAVE_MODELS_DIR": "/data/models"}
+    environ = {
+        "ENCLAVE_HOST": "0.0.0.0",
+        "ENCLAVE_PORT": "9000",
+        "ENCLAVE_MODELS_DIR": "/data/models",
+        "ENCLAVE_API_KEY": "key",
+    }
     settings = load_settings(path, environ)
+    assert settings.server.api_key == "key"
     assert settings.server.host == "0.0.0.0"
     assert settings.server.port == 9000
     assert settings.models_dir == Path("/data/models")
@@ -341,3 +347,12 @@ def test_models_dir_with_a_tilde_is_the_home_folder(tmp_path: Path) -> None:
 def test_outputs_dir_is_relative_to_the_config_file(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, "image:\n  outputs_dir: pictures\n"))
     assert settings.image.outputs_dir == tmp_path / "pictures"
+
+
+def test_listening_beyond_loopback_without_a_key_stops_start_up(tmp_path: Path) -> None:
+    message = config_error(tmp_path, "server:\n  host: 0.0.0.0\n")
+    assert "server.api_key" in message and "allow_unauthenticated_remote" in message
+    allowed = load_settings(write(tmp_path, "server:\n  host: 0.0.0.0\n  allow_unauthenticated_remote: true\n"))
+    assert allowed.server.host == "0.0.0.0"
+    with_key = load_settings(write(tmp_path, "server:\n  host: 192.168.1.5\n  api_key: abc\n"))
+    assert with_key.server.api_key == "abc"
