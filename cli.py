@@ -6,13 +6,16 @@ Errors from the services become one line on stderr and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from chat import ChatService
 from errors import AppError
+from services import Services
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -40,6 +43,12 @@ def build_parser(default_config: Path) -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float)
     chat.add_argument("--max-tokens", type=int)
     chat.add_argument("--seed", type=int, help="-1 for random")
+    chat.add_argument("--model", help="chat model name (see the models command; default from config)")
+    chat.add_argument("--json", action="store_true", help="print one JSON object with the reply and usage")
+
+    models = commands.add_parser("models", help="list every configured model: present or missing, size, path")
+    _add_common_options(models)
+    models.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -63,27 +72,91 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_chat(args: argparse.Namespace, chat: ChatService, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
-    prompt = stdin.read() if args.prompt == "-" else args.prompt
-    cancel = threading.Event()
+@dataclass(frozen=True)
+class Console:
+    """The streams a command talks to; tests pass their own."""
+
+    stdin: TextIO = field(default_factory=lambda: sys.stdin)
+    stdout: TextIO = field(default_factory=lambda: sys.stdout)
+    stderr: TextIO = field(default_factory=lambda: sys.stderr)
+
+    def json(self, value: Any) -> None:
+        self.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+def run_command(args: argparse.Namespace, services: Services, console: Console) -> int:
+    """Run one headless command; typed errors become one line on stderr and exit code 1."""
+    commands: dict[str, Callable[[argparse.Namespace, Services, Console], int]] = {
+        "chat": run_chat,
+        "models": run_models,
+    }
     try:
-        params = chat.defaults.override(
-            temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
-        )
-        stream = chat.stream([{"role": "user", "content": prompt}], params, system_prompt=args.system, cancel=cancel)
-        for piece in stream:
-            stdout.write(piece)
-            stdout.flush()
+        return commands[args.command](args, services, console)
     except AppError as error:
-        print(f"error: {error}", file=stderr)
+        print(f"error: {error}", file=console.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        cancel.set()
-        print("\ninterrupted", file=stderr)
+        print("\ninterrupted", file=console.stderr)
         return EXIT_INTERRUPTED
-    stdout.write("\n")
+
+
+def run_chat(args: argparse.Namespace, services: Services, console: Console) -> int:
+    chat = services.chat
+    prompt = console.stdin.read() if args.prompt == "-" else args.prompt
+    cancel = threading.Event()
+    params = chat.defaults.override(
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
+    )
+    stream = chat.stream(
+        [{"role": "user", "content": prompt}], params, system_prompt=args.system, cancel=cancel, model=args.model
+    )
+    try:
+        if args.json:
+            text = stream.text()
+            console.json(
+                {
+                    "model": stream.model_name,
+                    "text": text,
+                    "finish_reason": stream.finish_reason,
+                    "seed": stream.seed,
+                    "usage": {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens},
+                }
+            )
+            return 0
+        for piece in stream:
+            console.stdout.write(piece)
+            console.stdout.flush()
+    finally:
+        cancel.set()
+        stream.close()
+    console.stdout.write("\n")
     return 0
 
 
-def default_streams() -> tuple[TextIO, TextIO, TextIO]:
-    return sys.stdin, sys.stdout, sys.stderr
+def run_models(args: argparse.Namespace, services: Services, console: Console) -> int:
+    rows = []
+    for entry in services.catalog():
+        path = Path(entry.path)
+        rows.append(
+            {
+                "name": entry.name,
+                "capability": entry.capability,
+                "present": entry.present,
+                "size_bytes": _size_on_disk(path) if entry.present else None,
+                "path": entry.path,
+            }
+        )
+    if args.json:
+        console.json(rows)
+        return 0
+    for row in rows:
+        size = f"{row['size_bytes'] / 2**30:.2f} GiB" if row["size_bytes"] is not None else "-"
+        state = "present" if row["present"] else "MISSING"
+        console.stdout.write(f"{row['capability']:8} {state:8} {size:>10}  {row['name']}  ({row['path']})\n")
+    return 0
+
+
+def _size_on_disk(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0

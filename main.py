@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from chat import ChatService
-from cli import EXIT_ERROR, build_parser, default_streams, run_chat
+from cli import EXIT_ERROR, Console, build_parser, run_command
 from errors import AppError
 from model_manager import GIB, ModelManager, detect_memory_probe
 from settings import Settings, load_settings, require_safe_exposure
@@ -77,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         except AppError as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_ERROR
-    stdin, stdout, stderr = default_streams()
     try:
-        return run_chat(args, services.chat, stdin, stdout, stderr)
+        return run_command(args, services, Console())
     finally:
         services.manager.close()
 

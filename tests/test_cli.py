@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,34 @@ def test_broken_model_file_is_named(tmp_path: Path) -> None:
     result = run_cli("chat", "hi", config=config)
     assert result.returncode == 1
     assert "broken.gguf is not a GGUF model file" in result.stderr
+
+
+def test_models_lists_present_and_missing_models(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = run_cli("models", config=config)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any("MISSING" in line and "mistral-7b-instruct" in line for line in lines)
+    assert any("present" in line and "SmolLM2-135M-Instruct" in line for line in lines)
+
+
+def test_models_as_json(tmp_path: Path) -> None:
+    result = run_cli("models", "--json", config=write_config(tmp_path))
+    rows = json.loads(result.stdout)
+    smol = next(row for row in rows if row["name"] == "SmolLM2-135M-Instruct")
+    assert smol["present"] is True and smol["capability"] == "chat" and smol["size_bytes"] > 50_000_000
+
+
+def test_chat_as_json(tmp_path: Path) -> None:
+    result = run_cli("chat", "Say hi", "--json", "--max-tokens", "8", "--seed", "5", config=write_config(tmp_path))
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert reply["text"].strip() and reply["seed"] == 5 and reply["usage"]["completion_tokens"] > 0
+
+
+def test_unknown_chat_model_is_one_line_error(tmp_path: Path) -> None:
+    result = run_cli("chat", "hi", "--model", "nope", config=write_config(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: no chat model named 'nope'; available: mistral-7b-instruct-v0.2.Q4_K_M, SmolLM2-135M-Instruct"
+    )
