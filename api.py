@@ -200,13 +200,21 @@ class PieceRelay:
             self._cancel.set()
 
     async def next(self) -> str | None:
-        """The next piece; None at the end; raises what the stream raised."""
+        """The next text: every piece already waiting, joined (fewer events when the client
+        lags behind the model); None at the end; raises what the stream raised."""
         item = await self._queue.get()
         if item is _DONE:
             return None
         if isinstance(item, BaseException):
             raise item
-        return item
+        pieces = [item]
+        while not self._queue.empty():
+            following = self._queue.get_nowait()
+            if following is _DONE or isinstance(following, BaseException):
+                self._queue.put_nowait(following)  # the queue is empty now: it is next in line again
+                break
+            pieces.append(following)
+        return "".join(pieces)
 
 
 def sse(data: dict[str, Any] | str) -> str:
