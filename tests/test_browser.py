@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import time
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, expect, sync_playwright
 
@@ -62,4 +64,30 @@ def test_empty_message_is_not_sent_in_the_browser(running_app: RunningApp, brows
     page.locator("#chat-send").click()
     page.wait_for_timeout(1500)
     assert page.locator("#chatbot .user.message").count() == 0
+    page.close()
+
+
+def test_stop_cancels_a_reply_mid_stream_and_releases_the_model(running_app: RunningApp, browser) -> None:
+    page = browser.new_page()
+    page.goto(running_app.url)
+    page.get_by_text("Parameters").click()
+    tokens = page.get_by_label("number input for Max new tokens")
+    tokens.fill("1500")  # long enough to still be running when Stop is clicked
+    tokens.press("Tab")
+    box = page.locator("#chat-input textarea")
+    box.fill("Write a very long story about a dragon and a lighthouse keeper.")
+    box.press("Enter")
+    reply = page.locator("#chatbot .bot.message").last
+    expect(reply).not_to_have_text("", timeout=60_000)
+    page.locator("#chat-stop").click()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if all(m["refs"] == 0 for m in httpx.get(f"{running_app.url}/api/status").json()["resident"]):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the model stayed in use after Stop")
+    stopped_at = reply.inner_text()
+    page.wait_for_timeout(1000)
+    assert reply.inner_text() == stopped_at, "the reply kept growing after Stop"
     page.close()
