@@ -59,6 +59,7 @@ format: $(TEST_STAMP)
 
 bench: $(APP_STAMP)
 	$(PY) bench/chat.py
+	$(PY) bench/api.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
