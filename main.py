@@ -39,7 +39,7 @@ def serve(services: Services, settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
     from api import create_app
-    from ui import build_ui
+    from webui.app import build_ui
 
     server = settings.server.model_copy(update={"host": host, "port": port})
     require_safe_exposure(server)
