@@ -311,21 +311,8 @@ def openai_router(services: Services, server: ServerSettings) -> APIRouter:
         if body.n not in (None, 1):
             raise ApiError(400, "only n=1 is supported", "invalid_request", "invalid_request_error")
         messages, images = parse_messages(body.messages)
-        if images:
-            raise ApiError(400, "images in chat requests need the vision module, not installed yet", "invalid_request")
-        chat = services.chat
-        model = None if body.model in ("auto", "chat") else body.model
-        if model is not None and model not in chat.model_names():
-            raise ApiError(404, f"unknown model '{body.model}'; GET /v1/models lists them", "model_not_found")
-        params = chat.defaults.override(
-            temperature=body.temperature,
-            top_p=body.top_p,
-            max_tokens=body.max_completion_tokens or body.max_tokens,
-            seed=body.seed,
-            stop=body.stop,
-        )
         cancel = threading.Event()
-        stream = chat.stream(messages, params, cancel=cancel, model=model, grammar=grammar_for(body.response_format))
+        stream = start_text_stream(services, body, messages, images, cancel)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -344,6 +331,42 @@ def openai_router(services: Services, server: ServerSettings) -> APIRouter:
         return completion_body(completion_id, stream, text)
 
     return router
+
+
+def start_text_stream(
+    services: Services,
+    body: ChatCompletionRequest,
+    messages: list[Message],
+    images: list[str],
+    cancel: threading.Event,
+) -> TextStream:
+    """Route the request: an image goes to the vision model, text to the chat model."""
+    chat_names = services.chat.model_names()
+    vision_name = services.vision.model_name
+    if body.model not in ("auto", "chat", vision_name, *chat_names):
+        raise ApiError(404, f"unknown model '{body.model}'; GET /v1/models lists them", "model_not_found")
+    overrides = {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "max_tokens": body.max_completion_tokens or body.max_tokens,
+        "seed": body.seed,
+        "stop": body.stop,
+    }
+    if images or body.model == vision_name:
+        if not images:
+            raise BadInputError(f"{vision_name} answers questions about an image: add an image_url part")
+        if len(images) > 1:
+            raise BadInputError("send one image per conversation; the vision model looks at one image at a time")
+        if body.response_format and body.response_format.get("type") not in (None, "text"):
+            raise BadInputError("response_format is supported for text chat only, not for questions about images")
+        missing = services.vision.availability()
+        if missing:
+            raise ModelMissingError(missing)
+        params = services.vision.defaults.override(**overrides)
+        return services.vision.stream(images[0], messages, params, cancel=cancel)
+    model = None if body.model in ("auto", "chat") else body.model
+    params = services.chat.defaults.override(**overrides)
+    return services.chat.stream(messages, params, cancel=cancel, model=model, grammar=grammar_for(body.response_format))
 
 
 def finish_reason_of(stream: TextStream) -> str:

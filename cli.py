@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from errors import AppError
+from errors import AppError, ModelMissingError
 from services import Services
+from text_generation import TextStream
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -45,6 +46,16 @@ def build_parser(default_config: Path) -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, help="-1 for random")
     chat.add_argument("--model", help="chat model name (see the models command; default from config)")
     chat.add_argument("--json", action="store_true", help="print one JSON object with the reply and usage")
+
+    describe = commands.add_parser("describe", help="answer a question about an image, streamed to stdout")
+    _add_common_options(describe)
+    describe.add_argument("image", type=Path, help="image file (PNG, JPEG, WebP, GIF, BMP, TIFF)")
+    describe.add_argument("question", nargs="?", default="", help="question (default from config)")
+    describe.add_argument("--temperature", type=float)
+    describe.add_argument("--top-p", type=float)
+    describe.add_argument("--max-tokens", type=int)
+    describe.add_argument("--seed", type=int, help="-1 for random")
+    describe.add_argument("--json", action="store_true", help="print one JSON object with the answer and usage")
 
     models = commands.add_parser("models", help="list every configured model: present or missing, size, path")
     _add_common_options(models)
@@ -88,6 +99,7 @@ def run_command(args: argparse.Namespace, services: Services, console: Console) 
     """Run one headless command; typed errors become one line on stderr and exit code 1."""
     commands: dict[str, Callable[[argparse.Namespace, Services, Console], int]] = {
         "chat": run_chat,
+        "describe": run_describe,
         "models": run_models,
     }
     try:
@@ -104,14 +116,35 @@ def run_chat(args: argparse.Namespace, services: Services, console: Console) -> 
     chat = services.chat
     prompt = console.stdin.read() if args.prompt == "-" else args.prompt
     cancel = threading.Event()
-    params = chat.defaults.override(
-        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
-    )
     stream = chat.stream(
-        [{"role": "user", "content": prompt}], params, system_prompt=args.system, cancel=cancel, model=args.model
+        [{"role": "user", "content": prompt}],
+        chat.defaults.override(**sampling_overrides(args)),
+        system_prompt=args.system,
+        cancel=cancel,
+        model=args.model,
     )
+    return print_stream(stream, cancel, args.json, console)
+
+
+def run_describe(args: argparse.Namespace, services: Services, console: Console) -> int:
+    vision = services.vision
+    missing = vision.availability()
+    if missing:
+        raise ModelMissingError(missing)
+    cancel = threading.Event()
+    params = vision.defaults.override(**sampling_overrides(args))
+    stream = vision.stream(args.image, [{"role": "user", "content": args.question}], params, cancel=cancel)
+    return print_stream(stream, cancel, args.json, console)
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens, "seed": args.seed}
+
+
+def print_stream(stream: TextStream, cancel: threading.Event, as_json: bool, console: Console) -> int:
+    """Stream text to stdout as it comes, or print one JSON object at the end."""
     try:
-        if args.json:
+        if as_json:
             text = stream.text()
             console.json(
                 {

@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 
 from chat import ChatService
+from generator import ImageService
 from cli import EXIT_ERROR, Console, build_parser, run_command
 from errors import AppError
 from model_manager import GIB, ModelManager, detect_memory_probe
 from settings import Settings, load_settings, require_safe_exposure
+from vision import VisionService
 from services import Services
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
@@ -31,8 +33,12 @@ def build_services(settings: Settings) -> Services:
         wait_timeout_s=settings.manager.wait_timeout_s,
         probe=detect_memory_probe(),
     )
-    chat = ChatService(manager, settings.chat, settings.model_path(settings.chat.model))
-    return Services(manager=manager, chat=chat)
+    return Services(
+        manager=manager,
+        chat=ChatService(manager, settings.chat, settings.model_path(settings.chat.model)),
+        vision=VisionService(manager, settings.vision, settings.model_path(settings.vision.model)),
+        images=ImageService(manager, settings.image, settings.models_dir),
+    )
 
 
 def serve(services: Services, settings: Settings, host: str, port: int) -> int:
@@ -43,7 +49,7 @@ def serve(services: Services, settings: Settings, host: str, port: int) -> int:
 
     server = settings.server.model_copy(update={"host": host, "port": port})
     require_safe_exposure(server)
-    demo = build_ui(services, settings.chat.system_prompt)
+    demo = build_ui(services, settings)
     app = create_app(services, server, demo)
     services.manager.start_reaper()
     log.info("serving on http://%s:%d (device: %s)", host, port, services.manager.device)

@@ -85,7 +85,7 @@ class VisionSettings(_Strict):
     model: str = "llava-1.5-7b-hf"
     precision: Literal["auto", "4bit", "8bit", "fp16", "bf16", "fp32"] = "auto"
     max_image_pixels: int = Field(4_000_000, ge=10_000)
-    refuse_image_pixels: int = Field(100_000_000, ge=10_000)
+    refuse_image_pixels: int = Field(100_000_000, ge=10_000, le=178_956_970)  # Pillow's own hard limit
     default_question: str = "Describe this image in detail."
     defaults: VisionGenerationDefaults = VisionGenerationDefaults()
 

@@ -1,0 +1,164 @@
+"""Image generation overhead: generator.py against a plain diffusers pipeline call, in one run.
+
+Both sides use the same weights, scheduler, steps, size, seed and device; each image is
+timed alone, after a warm-up, alternating which side goes first. Prints seconds per image
+and the overhead of generator.py (target <= 2%), and checks both drew the same pixels.
+
+Without --model it builds the tiny random SD 1.5 from tests/tiny_diffusion.py: those numbers
+measure the service's overhead only; absolute times only mean something on a GPU with real
+weights. Usage: python bench/generate.py [--model FOLDER_OR_FILE.safetensors] [--runs N]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tiny_diffusion
+
+import offline  # noqa: F401, I001 - keep libraries offline
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from generator import SCHEDULERS, ImageModel, ImageRequest, ImageService, make_scheduler
+from model_manager import ModelManager, detect_memory_probe
+from settings import ImageDefaults, ImageSettings
+
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+
+
+def timed(run: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    image = run()
+    return time.perf_counter() - started, image
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="diffusers folder or .safetensors (default: tiny random SD 1.5)")
+    parser.add_argument("--config", type=Path, help="config folder for a single-file model (default: configs/)")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="default: 20 (tiny model 20, SDXL-Turbo 1)")
+    parser.add_argument("--size", type=int, default=None, help="width and height (default: 512, tiny 128)")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="euler_a")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the tiny model, else torch's)")
+    args = parser.parse_args()
+    threads = args.threads or (1 if args.model is None else None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # one thread: least disturbed by other processes on a shared machine
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model, config_dirs, tiny = args.model, None, args.model is None
+        if tiny:
+            from tiny_diffusion import build_sd15
+
+            built = build_sd15(Path(scratch))
+            model, config_dirs = built.folder, {"sd15": built.config, "sdxl": built.config}
+        elif args.config is not None:
+            config_dirs = {"sd15": args.config, "sdxl": args.config}
+        size = args.size or (128 if tiny else 512)
+        settings = ImageSettings(
+            model=str(Path(model).resolve()),
+            outputs_dir=Path(scratch) / "outputs",
+            min_size=64,
+            max_size=max(size, 2048),
+            defaults=ImageDefaults(width=size, height=size, scheduler=args.scheduler, seed=1),
+        )
+        manager = ModelManager(probe=detect_memory_probe(), keep_alive_s=-1)
+        service = ImageService(manager, settings, Path(scratch), config_dirs=config_dirs)
+        bench(service, manager, args, size, tiny)
+        manager.close()
+
+
+def plain_pipeline(model: ImageModel, device: str) -> Any:
+    """The same weights loaded the way the diffusers documentation shows, without the service."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    options: dict[str, Any] = {"dtype": torch.float16 if device == "cuda" else torch.float32, "local_files_only": True}
+    if model.family == "sd15":
+        cls = StableDiffusionPipeline
+        options |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    else:
+        cls = StableDiffusionXLPipeline
+        options |= {"add_watermarker": False}
+    if model.path.is_dir():
+        pipe = cls.from_pretrained(model.path, **options)
+    else:
+        pipe = cls.from_single_file(str(model.path), config=str(model.config), **options)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def bench(service: ImageService, manager: ModelManager, args: argparse.Namespace, size: int, tiny: bool) -> None:
+    import torch
+
+    resolved = service.resolve_model()
+    steps = args.steps or (1 if resolved.family == "sdxl_turbo" else 20)
+    guidance = 0.0 if resolved.family == "sdxl_turbo" else 7.0
+    request = ImageRequest(PROMPT, steps=steps, guidance=guidance, seed=1)
+    started = time.perf_counter()
+    pipe = plain_pipeline(resolved, service.device)
+    raw_load = time.perf_counter() - started
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, resolved.family)
+
+    def plain() -> Any:
+        generator = torch.Generator("cpu").manual_seed(1)
+        return pipe(
+            prompt=PROMPT,
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generator,
+            output_type="pil",
+        ).images[0]
+
+    def ours() -> Any:
+        return service.generate(request, save=False).images[0].image
+
+    sides: dict[str, Callable[[], Any]] = {"diffusers": plain, "generator.py": ours}
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    last: dict[str, Any] = {}
+    for _ in range(args.warmup):
+        for run in sides.values():
+            run()
+    for index in range(args.runs):
+        order = list(sides.items())
+        if index % 2:
+            order.reverse()  # alternate who goes first so drift hits both sides alike
+        for name, run in order:
+            seconds, last[name] = timed(run)
+            times[name].append(seconds)
+    ours_load = manager.status().resident[0].load_seconds
+    same = np.array_equal(np.asarray(last["diffusers"]), np.asarray(last["generator.py"]))
+    raw_s, ours_s = statistics.median(times["diffusers"]), statistics.median(times["generator.py"])
+    label = "tiny random SD 1.5 (measures overhead only)" if tiny else f"{resolved.name} ({resolved.family})"
+    print(f"model: {label}  device: {service.device}  torch threads: {torch.get_num_threads()}")
+    print(f"{size}x{size}, {steps} steps, {args.scheduler}, {args.runs} runs after {args.warmup} warm-up")
+    print(f"{'':18}{'diffusers':>12}{'generator.py':>14}{'ratio':>9}")
+    print(f"{'load (s)':18}{raw_load:12.3f}{ours_load:14.3f}{ours_load / raw_load:9.3f}")
+    print(f"{'s/image (median)':18}{raw_s:12.4f}{ours_s:14.4f}{ours_s / raw_s:9.3f}")
+    for label_, pick in (("s/image (fastest)", min), ("s/image (slowest)", max)):
+        raw_t, ours_t = pick(times["diffusers"]), pick(times["generator.py"])
+        print(f"{label_:18}{raw_t:12.4f}{ours_t:14.4f}{ours_t / raw_t:9.3f}")
+    best = min(times["generator.py"]) / min(times["diffusers"])
+    print(f"overhead (target <= 2%): median {100 * (ours_s / raw_s - 1):+.2f}%, fastest run {100 * (best - 1):+.2f}%")
+    print(f"same pixels from both: {'yes' if same else 'NO'}")
+    if tiny or service.device == "cpu":
+        print("note: absolute times only count on a GPU with real weights; the tiny model measures overhead only")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,626 @@
+"""generator.py through its real code paths, on tiny random SD 1.5 and SDXL models (CPU).
+
+The pictures mean nothing; what is checked is loading (folder and single file),
+determinism, progress and cancel, LoRAs, schedulers, saving and reading the
+parameters, errors, and sharing one model manager with the real chat model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_diffusion import TinyModel, build_sd15, build_sdxl, write_diffusers_lora, write_kohya_lora
+
+import generator
+from chat import ChatService
+from errors import BadInputError, ModelLoadError, ModelMissingError
+from generator import (
+    ImageRequest,
+    ImageService,
+    LoadedImageModel,
+    detect_family,
+    parse_parameters,
+    parse_prompt_loras,
+    read_png_parameters,
+    request_from_parameters,
+)
+from model_manager import CpuMemoryProbe, ModelManager
+from settings import ChatSettings, ImageDefaults, ImageSettings
+from text_generation import GenerationParams
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a photo of a cat"
+
+
+@dataclass(frozen=True)
+class Tiny:
+    sd15: TinyModel
+    sdxl: TinyModel
+    lora_dir: Path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny-diffusion")
+    sd15, sdxl = build_sd15(root / "sd15"), build_sdxl(root / "sdxl")
+    loras = root / "lora"
+    loras.mkdir()
+    write_diffusers_lora(sd15, loras / "film-grain.safetensors", text_encoders=True)
+    write_kohya_lora(sd15, loras / "kohya-style.safetensors")
+    write_diffusers_lora(sdxl, loras / "xl-style.safetensors", text_encoders=True)
+    write_diffusers_lora(sdxl, loras / "xl-unet-only.safetensors")
+    shutil.copy(sd15.single_file, loras / "whole-model.safetensors")  # a checkpoint in the wrong folder
+    return Tiny(sd15, sdxl, loras)
+
+
+def make_service(
+    tiny: Tiny, model: Path, tmp_path: Path, manager: ModelManager | None = None, **settings: object
+) -> ImageService:
+    options: dict = {
+        "model": str(model),
+        "lora_dir": str(tiny.lora_dir),
+        "outputs_dir": tmp_path / "outputs",
+        "min_size": 64,
+        "max_size": 256,
+        "max_images": 4,
+        "defaults": ImageDefaults(width=64, height=64, steps=3, scheduler="euler"),
+        **settings,
+    }
+    return ImageService(
+        manager or ModelManager(probe=CpuMemoryProbe(), keep_alive_s=-1),
+        ImageSettings(**options),
+        tmp_path / "models",
+        device="cpu",
+        config_dirs={"sd15": tiny.sd15.config, "sdxl": tiny.sdxl.config},
+    )
+
+
+@pytest.fixture
+def sd15(tiny: Tiny, tmp_path: Path) -> ImageService:
+    return make_service(tiny, tiny.sd15.folder, tmp_path)
+
+
+def pixels(service: ImageService, request: ImageRequest) -> np.ndarray:
+    result = service.generate(request, save=False)
+    return np.asarray(result.images[0].image, dtype=np.int16)
+
+
+def load_count(service: ImageService) -> int:
+    return sum(service._manager.status().load_counts.values())
+
+
+@contextlib.contextmanager
+def loaded_pipeline(service: ImageService) -> Iterator[LoadedImageModel]:
+    with service._manager.acquire(service.load_spec(service.resolve_model())) as loaded:
+        yield loaded
+
+
+# ----------------------------------------------------------------------------
+# The shipped config folders
+# ----------------------------------------------------------------------------
+
+
+def test_shipped_configs_describe_the_published_architectures() -> None:
+    import diffusers
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def parameters(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    configs = ROOT / "configs"
+    expected = {  # parameter counts of the released weights
+        "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+        "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
+    }
+    for family, counts in expected.items():
+        folder = configs / family
+        index = DiffusionPipeline.load_config(folder)
+        with torch.device("meta"):  # shapes only, no memory
+            models = {
+                "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+                "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+                "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+            }
+            if family == "sdxl":
+                config = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
+                models["text_encoder_2"] = CLIPTextModelWithProjection(config)
+        assert {name: parameters(m) for name, m in models.items()} == counts
+        assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    sdxl_unet = UNet2DConditionModel.load_config(configs / "sdxl" / "unet")
+    assert sdxl_unet["cross_attention_dim"] == 2048 and sdxl_unet["addition_embed_type"] == "text_time"
+    assert AutoencoderKL.load_config(configs / "sdxl" / "vae")["scaling_factor"] == 0.13025
+    assert AutoencoderKL.load_config(configs / "sd15" / "vae")["scaling_factor"] == 0.18215
+    for family, scheduler in (("sd15", "PNDMScheduler"), ("sdxl", "EulerDiscreteScheduler")):
+        cls = getattr(diffusers, scheduler)
+        assert type(cls.from_pretrained(configs / family, subfolder="scheduler")) is cls
+
+
+def test_shipped_clip_tokenizers_give_clips_ids() -> None:
+    from transformers import CLIPTokenizer
+
+    from configs.build_clip_tokenizer import clip_vocab
+
+    configs = ROOT / "configs"
+    for folder in ("sd15/tokenizer", "sdxl/tokenizer", "sdxl/tokenizer_2"):
+        tokenizer = CLIPTokenizer.from_pretrained(configs / folder)
+        assert tokenizer(PROMPT).input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+        assert len(tokenizer) == 49408 and tokenizer.model_max_length == 77
+    assert CLIPTokenizer.from_pretrained(configs / "sdxl/tokenizer_2").pad_token == "!"
+    # vocab.json is exactly what the merges imply, in CLIP's order.
+    tokenizer_dir = configs / "sd15" / "tokenizer"
+    merges = [tuple(line.split()) for line in tokenizer_dir.joinpath("merges.txt").read_text().splitlines()[1:]]
+    vocab = json.loads(tokenizer_dir.joinpath("vocab.json").read_text(encoding="utf-8"))
+    assert list(vocab) == clip_vocab(merges) and list(vocab.values()) == list(range(49408))
+
+
+# ----------------------------------------------------------------------------
+# Loading and family detection
+# ----------------------------------------------------------------------------
+
+
+def test_family_is_detected_from_the_weights(tiny: Tiny, tmp_path: Path) -> None:
+    assert detect_family(tiny.sd15.folder) == "sd15"
+    assert detect_family(tiny.sd15.single_file) == "sd15"
+    assert detect_family(tiny.sdxl.folder) == "sdxl"
+    assert detect_family(tiny.sdxl.single_file) == "sdxl"
+    turbo = tmp_path / "tiny-sdxl-turbo.safetensors"
+    turbo.symlink_to(tiny.sdxl.single_file)
+    assert detect_family(turbo) == "sdxl_turbo"
+    with pytest.raises(ModelLoadError, match="LoRA"):
+        detect_family(tiny.lora_dir / "film-grain.safetensors")
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"PK")
+    with pytest.raises(ModelLoadError, match=r"model\.ckpt.*\.safetensors"):
+        detect_family(pickle)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_single_file_and_folder_give_the_same_picture(tiny: Tiny, tmp_path: Path, family: str) -> None:
+    model: TinyModel = getattr(tiny, family)
+    request = ImageRequest(PROMPT, seed=7)
+    from_folder = make_service(tiny, model.folder, tmp_path / "folder")
+    from_file = make_service(tiny, model.single_file, tmp_path / "file")
+    assert from_folder.resolve_model().family == from_file.resolve_model().family == family
+    assert from_file.load_spec(from_file.resolve_model()).option("config") == str(model.config)
+    first = pixels(from_folder, request)
+    assert first.shape == (64, 64, 3)
+    np.testing.assert_array_equal(first, pixels(from_file, request))
+
+
+def test_family_setting_overrides_detection(tiny: Tiny, tmp_path: Path) -> None:
+    service = make_service(tiny, tiny.sdxl.folder, tmp_path, family="sdxl_turbo")
+    result = service.generate(ImageRequest(PROMPT, guidance=5.0, seed=1), save=False)
+    assert result.family == "sdxl_turbo"
+    assert "Steps: 1," in result.images[0].parameters and "CFG scale: 0.0" in result.images[0].parameters
+    assert any("guidance" in notice for notice in result.notices)
+    with pytest.raises(BadInputError, match="1 to 4 steps"):
+        service.generate(ImageRequest(PROMPT, steps=8))
+    with loaded_pipeline(service) as loaded:
+        assert loaded.pipe.scheduler.config.timestep_spacing == "trailing"
+
+
+# ----------------------------------------------------------------------------
+# Generating
+# ----------------------------------------------------------------------------
+
+
+def test_a_fixed_seed_reproduces_the_picture_and_another_seed_changes_it(sd15: ImageService) -> None:
+    first = pixels(sd15, ImageRequest(PROMPT, seed=42))
+    np.testing.assert_array_equal(first, pixels(sd15, ImageRequest(PROMPT, seed=42)))
+    assert np.abs(first - pixels(sd15, ImageRequest(PROMPT, seed=43))).max() > 0
+    random_seed = sd15.generate(ImageRequest(PROMPT, seed=-1), save=False).images[0].seed
+    assert random_seed >= 0
+    assert load_count(sd15) == 1
+
+
+def test_progress_is_reported_once_per_step(sd15: ImageService) -> None:
+    calls: list[tuple[int, int]] = []
+    sd15.generate(ImageRequest(PROMPT, steps=4, num_images=2), progress=lambda s, t: calls.append((s, t)), save=False)
+    assert calls == [(step, 8) for step in range(1, 9)]
+
+
+def test_cancel_stops_between_steps_and_keeps_finished_images(sd15: ImageService) -> None:
+    cancel = threading.Event()
+    steps: list[int] = []
+
+    def progress(step: int, total: int) -> None:
+        steps.append(step)
+        if step == 7:  # the third step of the second image
+            cancel.set()
+
+    result = sd15.generate(ImageRequest(PROMPT, steps=5, num_images=3, seed=3), progress=progress, cancel=cancel)
+    assert result.cancelled
+    assert steps[-1] == 7, "no step ran after the cancel"
+    assert [image.seed for image in result.images] == [3]
+    assert all(m.refs == 0 for m in sd15._manager.status().resident)
+    already = sd15.generate(ImageRequest(PROMPT), cancel=cancel)
+    assert already.cancelled and already.images == ()
+
+
+def test_several_images_get_consecutive_seeds(sd15: ImageService) -> None:
+    result = sd15.generate(ImageRequest(PROMPT, seed=100, num_images=3), save=False)
+    assert [image.seed for image in result.images] == [100, 101, 102]
+    single = pixels(sd15, ImageRequest(PROMPT, seed=101))
+    np.testing.assert_array_equal(np.asarray(result.images[1].image, dtype=np.int16), single)
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m_karras", "ddim", "euler"])
+def test_every_scheduler_generates_without_reloading(sd15: ImageService, scheduler: str) -> None:
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    classes = {
+        "euler_a": EulerAncestralDiscreteScheduler,
+        "dpmpp_2m_karras": DPMSolverMultistepScheduler,
+        "ddim": DDIMScheduler,
+        "euler": EulerDiscreteScheduler,
+    }
+    other = "ddim" if scheduler != "ddim" else "euler"
+    sd15.generate(ImageRequest(PROMPT, scheduler=other), save=False)
+    result = sd15.generate(ImageRequest(PROMPT, scheduler=scheduler, seed=5), save=False)
+    assert np.asarray(result.images[0].image).std() > 0
+    with loaded_pipeline(sd15) as loaded:
+        assert type(loaded.pipe.scheduler) is classes[scheduler]
+        assert loaded.pipe.scheduler.config.steps_offset == 1  # the model's own settings carried over
+        if scheduler == "dpmpp_2m_karras":
+            assert loaded.pipe.scheduler.config.use_karras_sigmas
+    assert load_count(sd15) == 1
+
+
+def test_large_images_decode_with_vae_tiling(tiny: Tiny, tmp_path: Path) -> None:
+    service = make_service(tiny, tiny.sd15.folder, tmp_path, vae_tiling_above_pixels=64 * 64)
+    service.generate(ImageRequest(PROMPT, width=64, height=64), save=False)
+    with loaded_pipeline(service) as loaded:
+        assert not loaded.tiling and not loaded.pipe.vae.use_tiling
+    result = service.generate(ImageRequest(PROMPT, width=128, height=64), save=False)
+    assert result.images[0].image.size == (128, 64)
+    with loaded_pipeline(service) as loaded:
+        assert loaded.tiling and loaded.pipe.vae.use_tiling
+
+
+# ----------------------------------------------------------------------------
+# LoRA
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lora", ["film-grain", "kohya-style"])
+def test_a_lora_changes_the_picture_and_removing_it_restores_the_base(sd15: ImageService, lora: str) -> None:
+    base = pixels(sd15, ImageRequest(PROMPT, seed=9))
+    styled = pixels(sd15, ImageRequest(f"{PROMPT} <lora:{lora}:1>", seed=9))
+    assert np.abs(styled - base).max() > 10
+    half = pixels(sd15, ImageRequest(PROMPT, seed=9, loras=((lora, 0.5),)))
+    assert np.abs(half - base).max() > 0 and np.abs(half - styled).max() > 0
+    np.testing.assert_array_equal(pixels(sd15, ImageRequest(f"{PROMPT} <lora:{lora}:0>", seed=9)), base)
+    np.testing.assert_array_equal(pixels(sd15, ImageRequest(PROMPT, seed=9)), base)
+    with loaded_pipeline(sd15) as loaded:
+        assert loaded.adapters == {}
+    assert load_count(sd15) == 1, "LoRAs adapt the loaded pipeline; the base model never reloads"
+
+
+def test_switching_between_loras_keeps_the_base_model_and_each_result(sd15: ImageService) -> None:
+    def draw(prompt: str) -> np.ndarray:
+        return pixels(sd15, ImageRequest(prompt, seed=11))
+
+    first = draw(f"{PROMPT} <lora:film-grain:0.8>")
+    both = draw(f"{PROMPT} <lora:film-grain:0.8> <lora:kohya-style:0.6>")
+    second = draw(f"{PROMPT} <lora:kohya-style:0.6>")
+    assert np.abs(both - first).max() > 0 and np.abs(both - second).max() > 0
+    with loaded_pipeline(sd15) as loaded:
+        assert len(loaded.adapters) == 1, "the adapter no longer asked for was deleted"
+    np.testing.assert_array_equal(draw(f"{PROMPT} <lora:film-grain:0.8>"), first)
+    assert load_count(sd15) == 1
+
+
+def test_a_lora_file_replaced_on_disk_is_loaded_again(tiny: Tiny, tmp_path: Path) -> None:
+    loras = tmp_path / "lora"
+    loras.mkdir()
+    write_diffusers_lora(tiny.sd15, loras / "mine.safetensors", seed=5)
+    service = make_service(tiny, tiny.sd15.folder, tmp_path, lora_dir=str(loras))
+    first = pixels(service, ImageRequest(f"{PROMPT} <lora:mine>", seed=4))
+    write_diffusers_lora(tiny.sd15, loras / "mine.safetensors", seed=6)
+    assert np.abs(pixels(service, ImageRequest(f"{PROMPT} <lora:mine>", seed=4)) - first).max() > 0
+    assert load_count(service) == 1
+
+
+def test_an_sdxl_lora_applies_to_sdxl(tiny: Tiny, tmp_path: Path) -> None:
+    service = make_service(tiny, tiny.sdxl.folder, tmp_path)
+    base = pixels(service, ImageRequest(PROMPT, seed=2))
+    styled = pixels(service, ImageRequest(f"<lora:xl-style:1> {PROMPT}", seed=2))
+    assert np.abs(styled - base).max() > 0
+    with pytest.raises(BadInputError, match=r"LoRA .film-grain. was made for .* is SDXL; choose a LoRA made for SDXL"):
+        service.generate(ImageRequest(f"{PROMPT} <lora:film-grain>"))
+
+
+def test_prompt_lora_tags_are_parsed() -> None:
+    assert parse_prompt_loras("a cat <lora:film-grain:0.8>, <lora:style> at dusk <LORA:x:-1.5>") == (
+        "a cat , at dusk",
+        [("film-grain", 0.8), ("style", 1.0), ("x", -1.5)],
+    )
+    assert parse_prompt_loras("plain prompt") == ("plain prompt", [])
+    for malformed in ("a <lora:>", "a <lora:name:heavy>", "a <lora:name:0.5", "a <lora:a:1:2>", "<lora:x:99>"):
+        with pytest.raises(BadInputError, match="LoRA"):
+            parse_prompt_loras(malformed)
+
+
+def test_an_unknown_lora_is_refused_listing_the_available_ones(sd15: ImageService) -> None:
+    with pytest.raises(BadInputError, match=r"no LoRA named 'nope'.*film-grain, kohya-style"):
+        sd15.generate(ImageRequest(f"{PROMPT} <lora:nope>"))
+    with pytest.raises(BadInputError, match=r"no LoRA named '\.\./film-grain'"):
+        sd15.generate(ImageRequest(PROMPT, loras=(("../film-grain", 1.0),)))
+    assert sd15.list_loras() == ["film-grain", "kohya-style", "whole-model", "xl-style", "xl-unet-only"]
+
+
+@pytest.mark.parametrize("lora", ["xl-style", "xl-unet-only"])
+def test_an_sdxl_lora_on_sd15_is_refused(sd15: ImageService, lora: str) -> None:
+    with pytest.raises(BadInputError, match=rf"LoRA '{lora}' was made for .*Stable Diffusion 1\.5"):
+        sd15.generate(ImageRequest(f"{PROMPT} <lora:{lora}:0.7>"))
+    assert sd15._manager.status().resident == (), "refused before anything loaded"
+
+
+def test_a_file_that_is_not_a_lora_is_refused(sd15: ImageService, tiny: Tiny) -> None:
+    with pytest.raises(BadInputError, match=r"whole-model\.safetensors .* is not a LoRA"):
+        sd15.generate(ImageRequest(f"{PROMPT} <lora:whole-model>"))
+    broken = tiny.lora_dir / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    try:
+        with pytest.raises(BadInputError, match=r"'broken'.*not a readable \.safetensors"):
+            sd15.generate(ImageRequest(f"{PROMPT} <lora:broken>"))
+    finally:
+        broken.unlink()
+
+
+# ----------------------------------------------------------------------------
+# Saving and the parameters text
+# ----------------------------------------------------------------------------
+
+
+def test_images_are_saved_with_parameters_that_read_back(
+    sd15: ImageService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed: list[Path] = []
+    monkeypatch.setattr(generator, "model_hash", lambda path: hashed.append(path) or "0123456789")
+    request = ImageRequest(
+        f"{PROMPT} <lora:film-grain:0.8>",
+        negative_prompt="blurry, low quality",
+        width=72,
+        height=64,
+        steps=4,
+        guidance=6.5,
+        seed=1234,
+        num_images=2,
+        scheduler="dpmpp_2m_karras",
+        loras=(("kohya-style", 0.5),),
+    )
+    before = date.today().isoformat()
+    result = sd15.generate(request)
+    days = {before, date.today().isoformat()}
+    paths = [image.path for image in result.images]
+    assert all(p is not None and p.parent.parent == tmp_path / "outputs" and p.parent.name in days for p in paths)
+    assert [p.name for p in paths] == ["00001-1234.png", "00002-1235.png"]  # type: ignore[union-attr]
+    text = result.images[0].parameters
+    lines = text.split("\n")
+    assert lines[0] == f"{PROMPT} <lora:film-grain:0.8> <lora:kohya-style:0.5>"
+    assert lines[1] == "Negative prompt: blurry, low quality"
+    assert lines[2].startswith(
+        "Steps: 4, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 1234, Size: 72x64, Model hash: "
+    )
+    assert ', Model: tiny-sd15, Lora hashes: "film-grain: ' in lines[2]
+    assert hashed == [sd15.model_path], "the model is hashed once per loaded model, not per image"
+    assert b"tEXtparameters\x00" in paths[0].read_bytes()  # type: ignore[union-attr]  # as A1111 writes it
+    with Image.open(paths[0]) as image:  # type: ignore[arg-type]
+        assert read_png_parameters(image)["seed"] == 1234
+    restored = read_png_parameters(paths[1])  # type: ignore[arg-type]
+    assert restored == {
+        **parse_parameters(result.images[1].parameters),
+        "prompt": f"{PROMPT} <lora:film-grain:0.8> <lora:kohya-style:0.5>",
+        "negative_prompt": "blurry, low quality",
+        "steps": 4,
+        "scheduler": "dpmpp_2m_karras",
+        "sampler": "DPM++ 2M Karras",
+        "guidance": 6.5,
+        "seed": 1235,
+        "width": 72,
+        "height": 64,
+        "model": "tiny-sd15",
+        "loras": (("film-grain", 0.8), ("kohya-style", 0.5)),
+    }
+    assert set(restored["lora_hashes"]) == {"film-grain", "kohya-style"}
+    assert restored["model_hash"] == "0123456789"
+    # The restored request draws the same picture and writes the same parameters.
+    again = sd15.generate(request_from_parameters(restored), save=False).images[0]
+    np.testing.assert_array_equal(np.asarray(again.image), np.asarray(result.images[1].image))
+    assert again.parameters == result.images[1].parameters
+
+
+def test_automatic1111_parameters_are_understood() -> None:
+    text = (
+        "masterpiece, a castle <lora:detail:0.6>\nat night\n"
+        "Negative prompt: lowres, bad anatomy\n"
+        "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 3405691582, Size: 512x768, "
+        'Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Lora hashes: "detail: 0123456789ab", Version: v1.10.1'
+    )
+    parsed = parse_parameters(text)
+    assert parsed["prompt"] == "masterpiece, a castle <lora:detail:0.6>\nat night"
+    assert parsed["loras"] == (("detail", 0.6),)
+    assert parsed["negative_prompt"] == "lowres, bad anatomy"
+    assert (parsed["steps"], parsed["scheduler"], parsed["guidance"]) == (30, "dpmpp_2m_karras", 7.0)
+    assert (parsed["seed"], parsed["width"], parsed["height"]) == (3405691582, 512, 768)
+    assert parsed["model"] == "v1-5-pruned-emaonly" and parsed["lora_hashes"] == {"detail": "0123456789ab"}
+    unknown = parse_parameters("a dog\nSteps: 20, Sampler: UniPC, CFG scale: 5, Seed: 1, Size: 512x512")
+    assert unknown["sampler"] == "UniPC" and "scheduler" not in unknown
+
+
+def test_hashes_follow_automatic1111(tiny: Tiny, tmp_path: Path) -> None:
+    import hashlib
+
+    checkpoint = tiny.sd15.single_file
+    assert generator.model_hash(checkpoint) == hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:10]
+    lora = (tiny.lora_dir / "film-grain.safetensors").read_bytes()
+    header_end = 8 + int.from_bytes(lora[:8], "little")
+    digest = hashlib.sha256(lora[header_end:]).hexdigest()[:12]
+    assert generator.lora_hash(tiny.lora_dir / "film-grain.safetensors") == digest
+    # A folder as downloaded from a hub: only the weights the pipeline loads count.
+    folder = tmp_path / "sd"
+    for name in ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+                 "unet/diffusion_pytorch_model.non_ema.bin", "vae/diffusion_pytorch_model.fp16.safetensors",
+                 "text_encoder/model.safetensors", "safety_checker/model.safetensors"):  # fmt: skip
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(name.encode())
+    assert [p.relative_to(folder).as_posix() for p in generator.folder_weight_files(folder)] == [
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]
+
+
+def test_precision_follows_the_device(tiny: Tiny, tmp_path: Path) -> None:
+    cpu = make_service(tiny, tiny.sd15.single_file, tmp_path)
+    spec = cpu.load_spec(cpu.resolve_model())
+    assert (spec.option("device"), spec.option("dtype"), spec.option("family")) == ("cpu", "float32", "sd15")
+    gpu = ImageService(ModelManager(probe=CpuMemoryProbe()), ImageSettings(model=str(tiny.sd15.folder)), tmp_path,
+                       device="cuda")  # fmt: skip
+    assert gpu.load_spec(gpu.resolve_model()).option("dtype") == "float16"
+    assert ImageService(ModelManager(), ImageSettings(), tmp_path).device in ("cpu", "cuda")
+
+
+def test_a_png_without_parameters_is_refused(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    with pytest.raises(BadInputError, match="no generation parameters"):
+        read_png_parameters(plain)
+    with pytest.raises(BadInputError, match="not a readable image"):
+        read_png_parameters(b"not an image")
+
+
+def test_images_saved_before_a_failure_stay_saved(sd15: ImageService, tmp_path: Path) -> None:
+    def progress(step: int, total: int) -> None:
+        if step == 5:  # during the second image
+            raise RuntimeError("the display went away")
+
+    with pytest.raises(RuntimeError, match="display"):
+        sd15.generate(ImageRequest(PROMPT, steps=3, num_images=3, seed=20), progress=progress)
+    saved = sorted((tmp_path / "outputs").glob("*/*.png"))
+    assert [p.name for p in saved] == ["00001-20.png"]
+    assert read_png_parameters(saved[0])["seed"] == 20
+    assert all(m.refs == 0 for m in sd15._manager.status().resident)
+
+
+# ----------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_, problem",
+    [
+        (ImageRequest(PROMPT, width=100), r"width 100 is not a multiple of 8; use 96 or 104"),
+        (ImageRequest(PROMPT, height=60), r"height 60 is not a multiple of 8"),
+        (ImageRequest(PROMPT, width=512), r"width must be between 64 and 256 .*image\.max_size.*got 512"),
+        (ImageRequest(PROMPT, height=56), r"height must be between 64 and 256"),
+        (ImageRequest(PROMPT, steps=0), r"steps must be between 1 and 150 \(image\.max_steps.*got 0"),
+        (ImageRequest(PROMPT, steps=500), r"steps must be between 1 and 150.*got 500"),
+        (ImageRequest("   "), r"prompt is empty"),
+        (ImageRequest("<lora:film-grain>"), r"prompt is empty"),
+        (ImageRequest("x" * 2001), r"prompt is 2,001 characters; the limit is 2,000"),
+        (ImageRequest(PROMPT, negative_prompt="y" * 5000), r"negative prompt is 5,000 characters"),
+        (ImageRequest(PROMPT, num_images=5), r"number of images must be between 1 and 4 \(image\.max_images"),
+        (ImageRequest(PROMPT, num_images=0), r"number of images must be between 1 and 4"),
+        (ImageRequest(PROMPT, guidance=50), r"guidance must be a number between 0 and 30"),
+        (ImageRequest(PROMPT, width="64"), r"width must be a whole number of pixels, got '64'"),  # type: ignore[arg-type]
+        (ImageRequest(PROMPT, scheduler="plms"), r"unknown scheduler 'plms'; choose one of euler_a, dpmpp_2m_karras"),
+        (ImageRequest(PROMPT, seed=-2), r"seed must be -1 \(random\)"),
+        (ImageRequest(PROMPT, seed=1.5), r"seed must be -1 \(random\) or a whole number"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_requests_are_refused_before_loading(sd15: ImageService, request_: ImageRequest, problem: str) -> None:
+    with pytest.raises(BadInputError, match=problem):
+        sd15.generate(request_)
+    assert sd15._manager.status().resident == ()
+
+
+def test_a_corrupt_checkpoint_is_refused_naming_the_file(tiny: Tiny, tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"<html>404 not found</html>" * 10)
+    with pytest.raises(ModelLoadError, match=r"garbage\.safetensors is not a readable \.safetensors checkpoint"):
+        make_service(tiny, garbage, tmp_path).generate(ImageRequest(PROMPT))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(tiny.sd15.single_file.read_bytes()[:300_000])
+    with pytest.raises(ModelLoadError, match=r"truncated\.safetensors .*truncated"):
+        make_service(tiny, truncated, tmp_path).generate(ImageRequest(PROMPT))
+    # With the family forced, detection is skipped: the load itself must fail cleanly.
+    service = make_service(tiny, truncated, tmp_path, family="sd15")
+    with pytest.raises(ModelLoadError, match=r"truncated\.safetensors"):
+        service.generate(ImageRequest(PROMPT))
+    assert service._manager.status().resident == ()
+
+
+@pytest.mark.parametrize(
+    "prefix, part", [("first_stage_model.", "VAE"), ("model.diffusion_model.", "UNet"), ("cond_stage_model.", "text")]
+)
+def test_a_checkpoint_missing_a_part_is_refused(tiny: Tiny, tmp_path: Path, prefix: str, part: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tiny.sd15.single_file)
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in state.items() if not k.startswith(prefix)}, partial)
+    service = make_service(tiny, partial, tmp_path, family="sd15")
+    with pytest.raises(ModelLoadError, match=rf"partial\.safetensors has no weights for the {part}"):
+        service.generate(ImageRequest(PROMPT))
+
+
+def test_a_missing_model_says_what_to_place_where(tiny: Tiny, tmp_path: Path) -> None:
+    service = make_service(tiny, Path("stable-diffusion-v1-5"), tmp_path)
+    message = service.availability()
+    assert message is not None
+    assert str(tmp_path / "models" / "stable-diffusion-v1-5") in message and "image.model" in message
+    with pytest.raises(ModelMissingError, match="stable-diffusion-v1-5"):
+        service.generate(ImageRequest(PROMPT))
+    assert make_service(tiny, tiny.sd15.folder, tmp_path).availability() is None
+
+
+# ----------------------------------------------------------------------------
+# Sharing the manager with chat
+# ----------------------------------------------------------------------------
+
+
+def test_chat_and_image_models_take_turns_on_one_manager(tiny: Tiny, tmp_path: Path, embedded_model: Path) -> None:
+    manager = ModelManager(policy="one_at_a_time", probe=CpuMemoryProbe(), keep_alive_s=-1)
+    chat = ChatService(manager, ChatSettings(context_size=512), embedded_model)
+    images = make_service(tiny, tiny.sd15.folder, tmp_path, manager=manager)
+    greedy = GenerationParams(temperature=0.0, max_tokens=8, seed=1)
+
+    def resident() -> list[str]:
+        return [model.kind for model in manager.status().resident]
+
+    assert chat.complete([{"role": "user", "content": "Say hi."}], greedy).strip()
+    assert resident() == ["chat"]
+    assert images.generate(ImageRequest(PROMPT), save=False).images
+    assert resident() == ["image"]
+    assert chat.complete([{"role": "user", "content": "Say hi."}], greedy).strip()
+    assert resident() == ["chat"]
+    actions = [(record.action, record.label.split(":")[0]) for record in manager.status().history]
+    assert actions == [
+        ("load", "chat"),
+        ("unload", "chat"),
+        ("load", "image"),
+        ("unload", "image"),
+        ("load", "chat"),
+    ]
+    manager.close()
