@@ -8,18 +8,21 @@ with the matching status here, at the edge.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hmac
+import io
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
@@ -34,6 +37,7 @@ from errors import (
     OutOfMemoryError,
     TooLargeError,
 )
+from generator import ImageRequest
 from services import Services
 from settings import ServerSettings
 from text_generation import Message, TextStream
@@ -101,6 +105,63 @@ class ChatCompletionRequest(BaseModel):
     n: int | None = None
     response_format: dict[str, Any] | None = None
     stream_options: dict[str, Any] | None = None
+
+
+class ImageGenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # quality, style, user: accepted and ignored
+
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    size: str | None = None  # "WIDTHxHEIGHT" or "auto"
+    response_format: str = "b64_json"  # or "url": a link to the saved PNG on this server
+    negative_prompt: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    scheduler: str | None = None
+    loras: dict[str, float] | list[dict[str, Any]] | None = None
+
+
+def image_request_of(body: ImageGenerationRequest) -> ImageRequest:
+    width = height = None
+    if body.size and body.size != "auto":
+        width_text, _, height_text = body.size.lower().partition("x")
+        if not (width_text.isdigit() and height_text.isdigit()):
+            raise BadInputError(f"size must look like 512x512, got '{body.size}'")
+        width, height = int(width_text), int(height_text)
+    if body.response_format not in ("b64_json", "url"):
+        raise BadInputError(f"response_format must be b64_json or url, got '{body.response_format}'")
+    return ImageRequest(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        width=width,
+        height=height,
+        steps=body.steps,
+        guidance=body.guidance,
+        seed=body.seed,
+        num_images=body.n,
+        scheduler=body.scheduler,
+        loras=loras_of(body.loras),
+    )
+
+
+def loras_of(value: dict[str, float] | list[dict[str, Any]] | None) -> tuple[tuple[str, float], ...]:
+    """LoRAs as {"name": weight} or [{"name": ..., "weight": ...}]."""
+    if not value:
+        return ()
+    if isinstance(value, dict):
+        return tuple((str(name), float(weight)) for name, weight in value.items())
+    try:
+        return tuple((str(item["name"]), float(item.get("weight", 1.0))) for item in value)
+    except (KeyError, TypeError, ValueError):
+        raise BadInputError('loras must be {"name": weight} or a list of {"name": ..., "weight": ...}') from None
+
+
+def png_base64(image: Any) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def parse_messages(raw: list[dict[str, Any]]) -> tuple[list[Message], list[str]]:
@@ -228,7 +289,7 @@ def sse(data: dict[str, Any] | str) -> str:
 # ----------------------------------------------------------------------------
 
 
-def create_app(services: Services, server: ServerSettings, demo: gr.Blocks | None = None) -> FastAPI:
+def create_app(services: Services, server: ServerSettings, outputs_dir: Path, demo: gr.Blocks | None = None) -> FastAPI:
     app = FastAPI(title="Enclave", docs_url="/api/docs", redoc_url=None)
     max_body = int(server.max_request_mb * 2**20)
 
@@ -263,7 +324,16 @@ def create_app(services: Services, server: ServerSettings, demo: gr.Blocks | Non
     def status() -> dict[str, Any]:
         return dataclasses.asdict(services.manager.status())
 
-    app.include_router(openai_router(services, server))
+    @app.get("/outputs/{day}/{name}", dependencies=[Depends(require_api_key(server))])
+    def output_file(day: str, name: str) -> FileResponse:
+        """A generated PNG, so API clients and chat links can show it."""
+        folder = outputs_dir.resolve()
+        path = (folder / day / name).resolve()
+        if not path.is_relative_to(folder) or path.suffix != ".png" or not path.is_file():
+            raise ApiError(404, f"no generated image {day}/{name}", "not_found")
+        return FileResponse(path, media_type="image/png")
+
+    app.include_router(openai_router(services, server, outputs_dir))
     if demo is not None:
         app = gr.mount_gradio_app(app, demo, path="/", footer_links=["settings"])
     return app
@@ -281,7 +351,7 @@ def require_api_key(server: ServerSettings) -> Callable[[Request], None]:
     return check
 
 
-def openai_router(services: Services, server: ServerSettings) -> APIRouter:
+def openai_router(services: Services, server: ServerSettings, outputs_dir: Path) -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key(server))])
 
     @router.get("/models")
@@ -305,6 +375,26 @@ def openai_router(services: Services, server: ServerSettings) -> APIRouter:
                 }
             )
         return {"object": "list", "data": data}
+
+    @router.post("/images/generations")
+    async def images_generations(body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
+        images = services.images
+        if body.model not in (None, "auto", images.model_path.stem, images.model_path.name):
+            raise ApiError(404, f"unknown image model '{body.model}'; GET /v1/models lists them", "model_not_found")
+        missing = images.availability()
+        if missing:
+            raise ModelMissingError(missing)
+        result = await run_in_threadpool(images.generate, image_request_of(body))
+        data = []
+        for item in result.images:
+            entry: dict[str, Any] = {"revised_prompt": body.prompt, "seed": item.seed}
+            if body.response_format == "url" and item.path is not None:
+                day_and_name = item.path.resolve().relative_to(outputs_dir.resolve()).as_posix()
+                entry["url"] = f"{request.base_url}outputs/{day_and_name}"
+            else:
+                entry["b64_json"] = png_base64(item.image)
+            data.append(entry)
+        return {"created": int(time.time()), "data": data, "output_format": "png"}
 
     @router.post("/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import threading
 from collections.abc import Callable
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from errors import AppError, ModelMissingError
+from errors import AppError, BadInputError, ModelMissingError
+from generator import ImageRequest
 from services import Services
 from text_generation import TextStream
 
@@ -56,6 +58,21 @@ def build_parser(default_config: Path) -> argparse.ArgumentParser:
     describe.add_argument("--max-tokens", type=int)
     describe.add_argument("--seed", type=int, help="-1 for random")
     describe.add_argument("--json", action="store_true", help="print one JSON object with the answer and usage")
+
+    generate = commands.add_parser("generate", help="generate images from a prompt (Stable Diffusion)")
+    _add_common_options(generate)
+    generate.add_argument("prompt", help="what to draw; <lora:name:weight> tags add LoRAs")
+    generate.add_argument("--out", type=Path, help="also write the image here (FILE.png; FILE-2.png… for more)")
+    generate.add_argument("--negative", help="negative prompt")
+    generate.add_argument("--width", type=int)
+    generate.add_argument("--height", type=int)
+    generate.add_argument("--steps", type=int)
+    generate.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    generate.add_argument("--seed", type=int, help="-1 for random")
+    generate.add_argument("-n", "--num-images", type=int)
+    generate.add_argument("--scheduler", help="euler_a, dpmpp_2m_karras, ddim or euler")
+    generate.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="add a LoRA")
+    generate.add_argument("--json", action="store_true", help="print one JSON object describing the images")
 
     models = commands.add_parser("models", help="list every configured model: present or missing, size, path")
     _add_common_options(models)
@@ -100,6 +117,7 @@ def run_command(args: argparse.Namespace, services: Services, console: Console) 
     commands: dict[str, Callable[[argparse.Namespace, Services, Console], int]] = {
         "chat": run_chat,
         "describe": run_describe,
+        "generate": run_generate,
         "models": run_models,
     }
     try:
@@ -135,6 +153,72 @@ def run_describe(args: argparse.Namespace, services: Services, console: Console)
     params = vision.defaults.override(**sampling_overrides(args))
     stream = vision.stream(args.image, [{"role": "user", "content": args.question}], params, cancel=cancel)
     return print_stream(stream, cancel, args.json, console)
+
+
+def run_generate(args: argparse.Namespace, services: Services, console: Console) -> int:
+    images = services.images
+    missing = images.availability()
+    if missing:
+        raise ModelMissingError(missing)
+    request = ImageRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        num_images=args.num_images,
+        scheduler=args.scheduler,
+        loras=tuple(parse_lora_option(option) for option in args.lora),
+    )
+    cancel = threading.Event()
+    try:
+        result = images.generate(request, progress=ProgressBar(console.stderr), cancel=cancel)
+    except KeyboardInterrupt:
+        cancel.set()
+        raise
+    finally:
+        console.stderr.write("\n")
+    written = []
+    for number, item in enumerate(result.images, start=1):
+        target = None
+        if args.out is not None and item.path is not None:
+            target = args.out if number == 1 else args.out.with_name(f"{args.out.stem}-{number}{args.out.suffix}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(item.path, target)  # the copy keeps the PNG's parameters text
+        written.append({"seed": item.seed, "saved": str(item.path), "out": str(target) if target else None})
+    if args.json:
+        console.json(
+            {"model": result.model, "seconds": result.seconds, "cancelled": result.cancelled, "images": written}
+        )
+    else:
+        for row in written:
+            console.stdout.write(f"{row['out'] or row['saved']}  (seed {row['seed']})\n")
+        for notice in result.notices:
+            print(f"note: {notice}", file=console.stderr)
+    return 0
+
+
+def parse_lora_option(option: str) -> tuple[str, float]:
+    name, _, weight = option.partition(":")
+    try:
+        return name, float(weight) if weight else 1.0
+    except ValueError:
+        raise BadInputError(f"--lora {option}: the weight after ':' must be a number") from None
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr for steps counted by the generator."""
+
+    def __init__(self, stream: TextIO, width: int = 30) -> None:
+        self._stream = stream
+        self._width = width
+
+    def __call__(self, step: int, total: int) -> None:
+        filled = self._width * step // max(total, 1)
+        self._stream.write(f"\r[{'#' * filled}{'.' * (self._width - filled)}] {step}/{total} steps")
+        self._stream.flush()
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def serve(services: Services, settings: Settings, host: str, port: int) -> int:
     server = settings.server.model_copy(update={"host": host, "port": port})
     require_safe_exposure(server)
     demo = build_ui(services, settings)
-    app = create_app(services, server, demo)
+    app = create_app(services, server, settings.image.outputs_dir, demo)
     services.manager.start_reaper()
     log.info("serving on http://%s:%d (device: %s)", host, port, services.manager.device)
     try:

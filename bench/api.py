@@ -46,10 +46,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
 
-    services = build_services(load_settings(None))
+    settings = load_settings(None)
+    services = build_services(settings)
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(services, ServerSettings(port=port)), port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(services, ServerSettings(port=port), settings.image.outputs_dir), port=port, log_level="warning"
+        )
     )
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:

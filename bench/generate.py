@@ -28,8 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from generator import SCHEDULERS, ImageModel, ImageRequest, ImageService, make_scheduler
+from generator import ImageRequest, ImageService
+from image_request import SCHEDULERS
 from model_manager import ModelManager, detect_memory_probe
+from sd_models import ImageModel
+from sd_pipeline import make_scheduler
 from settings import ImageDefaults, ImageSettings
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"

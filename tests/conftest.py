@@ -35,10 +35,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_config(folder: Path, **sections: dict) -> Path:
-    """A config.yaml in ``folder`` whose models_dir is ``folder/models`` (empty: the app falls back)."""
+def write_config(folder: Path, models_dir: Path | None = None, **sections: dict) -> Path:
+    """A config.yaml in ``folder``; models_dir is ``folder/models`` (empty: chat falls back to
+    the embedded model) unless given."""
     (folder / "models").mkdir(exist_ok=True)
-    config = {"models_dir": "models", **sections}
+    config = {"models_dir": str(models_dir or "models"), **sections}
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
@@ -56,7 +57,8 @@ class RunningApp:
 
 def start_app(config: Path, log_path: Path, timeout_s: float = 90.0) -> RunningApp:
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ENCLAVE_PORT": str(port)}
+    # One torch thread: the app shares two cores with the test process.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ENCLAVE_PORT": str(port), "OMP_NUM_THREADS": "1"}
     log_file = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "main.py"), "--config", str(config), "serve"],
@@ -88,11 +90,51 @@ def stop_app(app: RunningApp) -> None:
         app.process.kill()
 
 
+TINY_IMAGE_SETTINGS = {
+    "model": "tiny-sd15",
+    "min_size": 64,
+    "max_size": 256,
+    "defaults": {"width": 64, "height": 64, "steps": 3, "scheduler": "euler"},
+}
+
+
+def install_tiny_models(models: Path) -> None:
+    """Tiny random-weight LLaVA and Stable Diffusion 1.5 (with a LoRA) where a user puts real ones."""
+    import shutil
+
+    from tests.tiny_diffusion import build_sd15, write_diffusers_lora
+    from tests.tiny_llava import build_tiny_llava
+
+    build_tiny_llava(models / "tiny-llava")
+    sd15 = build_sd15(models / ".build")
+    (models / "lora").mkdir(exist_ok=True)
+    write_diffusers_lora(sd15, models / "lora" / "film-grain.safetensors")
+    shutil.move(sd15.folder, models / "tiny-sd15")
+    shutil.rmtree(models / ".build")
+
+
 @pytest.fixture(scope="session")
-def running_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
-    """The real app, started as `python main.py serve` on a free loopback port."""
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with tiny vision and image models (no chat model: the embedded one serves)."""
+    models = tmp_path_factory.mktemp("tiny-models")
+    install_tiny_models(models)
+    return models
+
+
+TINY_SECTIONS = {
+    "vision": {"model": "tiny-llava", "defaults": {"max_tokens": 24}},
+    "image": TINY_IMAGE_SETTINGS,
+}
+
+
+@pytest.fixture(scope="session")
+def running_app(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterator[RunningApp]:
+    """The real app, started as `python main.py serve` on a free loopback port, with the
+    embedded chat model and tiny vision and image models."""
     folder = tmp_path_factory.mktemp("app")
-    config = write_config(folder, chat={"context_size": 2048, "defaults": {"max_tokens": 64}})
+    config = write_config(
+        folder, tiny_models, chat={"context_size": 2048, "defaults": {"max_tokens": 64}}, **TINY_SECTIONS
+    )
     app = start_app(config, folder / "app.log")
     yield app
     stop_app(app)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 import threading
@@ -13,6 +15,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from PIL import Image
 
 from tests.conftest import RunningApp, start_app, stop_app, write_config
 from tests.openai_schema import validate
@@ -262,3 +265,107 @@ def test_busy_model_gives_503_with_retry_after(guarded_app: RunningApp) -> None:
     # Once the first request is gone, the other model loads (one at a time) and answers.
     response = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=ask("hi"), max_tokens=4)
     assert response.choices[0].message.content is not None
+
+
+# -- vision and image generation, on tiny random-weight models ---------------------------
+
+
+def data_uri(image: Image.Image, kind: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=kind)
+    return f"data:image/{kind.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def picture_message(url: str, question: str = "What is in this image?") -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}],
+        }
+    ]
+
+
+def test_models_lists_vision_and_image_models(running_app: RunningApp) -> None:
+    by_id = {m["id"]: m for m in httpx.get(f"{running_app.url}/v1/models").json()["data"]}
+    assert by_id["tiny-llava"]["capability"] == "vision" and by_id["tiny-llava"]["present"] is True
+    assert by_id["tiny-sd15"]["capability"] == "image" and by_id["tiny-sd15"]["present"] is True
+
+
+def test_a_chat_request_with_an_image_goes_to_the_vision_model(running_app: RunningApp) -> None:
+    client = client_for(running_app)
+    url = data_uri(Image.new("RGB", (40, 30), (200, 40, 40)))
+    response = client.chat.completions.create(model="auto", messages=picture_message(url), max_tokens=8, seed=1)
+    validate(response.model_dump(exclude_unset=True), "CreateChatCompletionResponse")
+    assert response.model == "tiny-llava"
+    assert response.usage.completion_tokens > 0
+    chunks = list(
+        client.chat.completions.create(model="auto", messages=picture_message(url), max_tokens=8, stream=True)
+    )
+    assert chunks and all(c.model == "tiny-llava" for c in chunks)
+
+
+def test_bad_images_in_chat_requests_get_clear_errors(running_app: RunningApp) -> None:
+    create = client_for(running_app).chat.completions.create
+    error = expect_error(400, create, model="auto", messages=picture_message("data:image/png;base64,bm90IGFuIGltYWdl"))
+    assert "image" in error["message"].lower()
+    error = expect_error(400, create, model="tiny-llava", messages=ask("no picture here"))
+    assert "image_url" in error["message"]
+
+
+def test_images_generate_returns_pngs_that_decode(running_app: RunningApp) -> None:
+    client = client_for(running_app)
+    response = client.images.generate(prompt="a red square", n=2, size="64x64", extra_body={"seed": 7, "steps": 2})
+    validate(response.model_dump(exclude_unset=True), "ImagesResponse")
+    assert len(response.data) == 2
+    seeds = [item.model_extra["seed"] for item in response.data]
+    assert seeds == [7, 8]
+    for item in response.data:
+        image = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+        assert image.format == "PNG" and image.size == (64, 64)
+
+
+def test_images_generate_with_a_url_serves_the_saved_png(running_app: RunningApp) -> None:
+    response = client_for(running_app).images.generate(
+        prompt="a lighthouse <lora:film-grain:0.8>", size="64x64", response_format="url", extra_body={"steps": 2}
+    )
+    fetched = httpx.get(response.data[0].url)
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+    parameters = Image.open(io.BytesIO(fetched.content)).text["parameters"]
+    assert "a lighthouse" in parameters and "film-grain" in parameters
+    assert httpx.get(f"{running_app.url}/outputs/../config.yaml").status_code == 404
+
+
+def test_bad_image_requests_get_clear_errors(running_app: RunningApp) -> None:
+    generate = client_for(running_app).images.generate
+    error = expect_error(400, generate, prompt="x", size="65x64")
+    assert "multiple of 8" in error["message"]
+    error = expect_error(400, generate, prompt="x", size="64x64", extra_body={"steps": 500})
+    assert "steps" in error["message"]
+    error = expect_error(400, generate, prompt="x <lora:nope:1>", size="64x64")
+    assert "film-grain" in error["message"]  # the unknown name is answered with the available ones
+    expect_error(404, generate, prompt="x", model="dall-e-3")
+
+
+def test_the_manager_swaps_models_one_at_a_time(running_app: RunningApp) -> None:
+    client = client_for(running_app)
+    client.chat.completions.create(model="auto", messages=ask("hi"), max_tokens=4)
+    url = data_uri(Image.new("RGB", (32, 32), (0, 90, 200)))
+    client.chat.completions.create(model="auto", messages=picture_message(url), max_tokens=4)
+    client.images.generate(prompt="a tree", size="64x64", extra_body={"steps": 1})
+    client.chat.completions.create(model="auto", messages=ask("hi again"), max_tokens=4)
+    status = httpx.get(f"{running_app.url}/api/status").json()
+    assert len(status["resident"]) == 1 and status["resident"][0]["kind"] == "chat"
+    recent = [(r["action"], r["label"].split(":")[0]) for r in status["history"][-7:]]
+    assert (
+        recent
+        == [
+            ("load", "chat"),
+            ("unload", "chat"),
+            ("load", "vision"),
+            ("unload", "vision"),
+            ("load", "image"),
+            ("unload", "image"),
+            ("load", "chat"),
+        ][-len(recent) :]
+    )
+    assert all(r["seconds"] >= 0 for r in status["history"])

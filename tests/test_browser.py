@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+from PIL import Image
 from playwright.sync_api import Browser, expect, sync_playwright
 
 from tests.conftest import ARTIFACTS, RunningApp
@@ -90,4 +91,33 @@ def test_stop_cancels_a_reply_mid_stream_and_releases_the_model(running_app: Run
     stopped_at = reply.inner_text()
     page.wait_for_timeout(1000)
     assert reply.inner_text() == stopped_at, "the reply kept growing after Stop"
+    page.close()
+
+
+def test_image_tab_answers_about_an_uploaded_image(running_app: RunningApp, browser, tmp_path) -> None:
+    picture = tmp_path / "blue.png"
+    Image.new("RGB", (48, 32), (30, 60, 220)).save(picture)
+    page = browser.new_page()
+    page.goto(running_app.url)
+    page.get_by_role("tab", name="Image", exact=True).click()
+    page.locator("#vision-image input[type=file]").set_input_files(str(picture))
+    expect(page.locator("#vision-image img").first).to_be_visible(timeout=30_000)
+    page.locator("#vision-question textarea").press("Enter")  # empty: the default question is asked
+    answer = page.locator("#vision-chatbot .bot.message").last
+    expect(answer).not_to_have_text("", timeout=60_000)
+    expect(page.locator("#vision-chatbot .user.message").last).to_contain_text("Describe this image")
+    expect(page.locator("#model-status")).to_contain_text("vision:tiny-llava", timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "image-tab.png"), full_page=True)
+    page.close()
+
+
+def test_text_to_image_tab_generates_into_the_gallery(running_app: RunningApp, browser) -> None:
+    page = browser.new_page()
+    page.goto(running_app.url)
+    page.get_by_role("tab", name="Text to image").click()
+    page.locator("#image-prompt textarea").fill("a lighthouse at dusk")
+    page.locator("#image-generate").click()
+    expect(page.locator("#image-gallery img").first).to_be_visible(timeout=60_000)
+    expect(page.locator("#image-info")).to_contain_text("seed", timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "text-to-image-tab.png"), full_page=True)
     page.close()

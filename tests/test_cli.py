@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, write_config
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, TINY_SECTIONS, write_config
 
 
 def run_cli(*args: str, stdin: str | None = None, config: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -98,3 +101,55 @@ def test_unknown_chat_model_is_one_line_error(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines()[-1] == (
         "error: no chat model named 'nope'; available: mistral-7b-instruct-v0.2.Q4_K_M, SmolLM2-135M-Instruct"
     )
+
+
+# -- describe and generate, on tiny random-weight models ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Path:
+    return write_config(tmp_path_factory.mktemp("cli"), tiny_models, **TINY_SECTIONS)
+
+
+def test_describe_answers_about_an_image(tiny_config: Path, tmp_path: Path) -> None:
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(picture)
+    result = run_cli("describe", str(picture), "What colour is it?", "--json", "--seed", "2", config=tiny_config)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["model"] == "tiny-llava" and answer["usage"]["completion_tokens"] > 0
+
+
+def test_describe_refuses_a_file_that_is_not_an_image(tiny_config: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "notes.png"
+    fake.write_text("not a picture")
+    result = run_cli("describe", str(fake), config=tiny_config)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "image" in last and "Traceback" not in result.stderr
+
+
+def test_describe_without_the_vision_model_says_what_to_install(tmp_path: Path) -> None:
+    result = run_cli("describe", "any.png", config=write_config(tmp_path))
+    assert result.returncode == 1
+    assert "llava-1.5-7b-hf" in result.stderr and "config.json" in result.stderr
+
+
+def test_generate_writes_a_png_with_its_parameters(tiny_config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lighthouse.png"
+    result = run_cli(
+        "generate", "a lighthouse", "--out", str(out), "--steps", "2", "--seed", "11", "--lora", "film-grain:0.5",
+        config=tiny_config,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "2/2 steps" in result.stderr  # the progress bar
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert "Seed: 11" in image.text["parameters"] and "film-grain" in image.text["parameters"]
+
+
+def test_generate_bad_size_is_one_line_error(tiny_config: Path, tmp_path: Path) -> None:
+    result = run_cli("generate", "x", "--width", "70", config=tiny_config)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "multiple of 8" in last

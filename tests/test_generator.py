@@ -25,17 +25,12 @@ from tiny_diffusion import TinyModel, build_sd15, build_sdxl, write_diffusers_lo
 import generator
 from chat import ChatService
 from errors import BadInputError, ModelLoadError, ModelMissingError
-from generator import (
-    ImageRequest,
-    ImageService,
-    LoadedImageModel,
-    detect_family,
-    parse_parameters,
-    parse_prompt_loras,
-    read_png_parameters,
-    request_from_parameters,
-)
+from generator import ImageRequest, ImageService
+from image_metadata import parse_parameters, read_png_parameters, request_from_parameters
+from lora import parse_prompt_loras
 from model_manager import CpuMemoryProbe, ModelManager
+from sd_models import detect_family
+from sd_pipeline import LoadedImageModel
 from settings import ChatSettings, ImageDefaults, ImageSettings
 from text_generation import GenerationParams
 

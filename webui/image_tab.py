@@ -9,7 +9,9 @@ from typing import Any
 
 import gradio as gr
 
-from generator import SAMPLER_NAMES, ImageRequest, ImageService, read_png_parameters
+from generator import ImageRequest, ImageService
+from image_metadata import read_png_parameters
+from image_request import SAMPLER_NAMES
 from settings import ImageSettings
 from webui.common import as_gradio_error
 

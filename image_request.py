@@ -1,0 +1,164 @@
+"""What an image request may ask for, and its check against the limits in config.yaml.
+
+``plan_request`` refuses a request that is out of bounds (with what to change)
+and completes the rest with the defaults from image.defaults, giving the exact
+``Plan`` that generation runs and the parameters text records.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from errors import BadInputError
+from lora import lora_tags, merge_loras, parse_prompt_loras
+from settings import ImageSettings
+
+# The schedulers offered, by the names AUTOMATIC1111 writes into its "parameters" text.
+SAMPLER_NAMES: dict[str, str] = {
+    "euler_a": "Euler a",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "ddim": "DDIM",
+    "euler": "Euler",
+}
+SCHEDULERS = tuple(SAMPLER_NAMES)
+
+MAX_PROMPT_CHARS = 2000
+TURBO_MAX_STEPS = 4
+TURBO_DEFAULT_STEPS = 1
+MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """What to draw. None means the default from config.yaml (image.defaults)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None  # -1: random
+    num_images: int | None = None
+    scheduler: str | None = None  # one of SCHEDULERS
+    loras: tuple[tuple[str, float], ...] = ()  # added to <lora:name:weight> tags in the prompt
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request checked and completed with the defaults: exactly what will run."""
+
+    prompt: str  # without <lora:...> tags: what the text encoder reads
+    shown_prompt: str  # with the tags: what the parameters text records
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    num_images: int
+    scheduler: str
+    loras: tuple[tuple[str, float], ...]
+    notices: tuple[str, ...]
+
+
+def plan_request(request: ImageRequest, family: str, settings: ImageSettings) -> Plan:
+    """Check the request against the limits and complete it with the defaults. Raises BadInputError."""
+    defaults = settings.defaults
+    prompt, tagged = parse_prompt_loras(_check_text("prompt", request.prompt))
+    if not prompt:
+        raise BadInputError("the prompt is empty; describe the image you want")
+    negative = _check_text("negative prompt", _or(request.negative_prompt, defaults.negative_prompt))
+    width = _check_size(settings, "width", _or(request.width, defaults.width))
+    height = _check_size(settings, "height", _or(request.height, defaults.height))
+    turbo = family == "sdxl_turbo"
+    steps = _or(request.steps, TURBO_DEFAULT_STEPS if turbo else defaults.steps)
+    _check_range("steps", steps, 1, settings.max_steps, "image.max_steps")
+    num_images = _or(request.num_images, 1)
+    _check_range("the number of images", num_images, 1, settings.max_images, "image.max_images")
+    guidance = _or(request.guidance, 0.0 if turbo else defaults.guidance)
+    if not isinstance(guidance, int | float) or not 0 <= guidance <= 30:
+        raise BadInputError(f"guidance must be a number between 0 and 30 (7 is typical), got {guidance!r}")
+    scheduler = _or(request.scheduler, defaults.scheduler)
+    if scheduler not in SAMPLER_NAMES:
+        raise BadInputError(f"unknown scheduler '{scheduler}'; choose one of {', '.join(SCHEDULERS)}")
+    seed = _or(request.seed, defaults.seed)
+    if not _is_whole(seed) or not -1 <= seed <= MAX_SEED - num_images:
+        raise BadInputError(f"seed must be -1 (random) or a whole number from 0 to {MAX_SEED - num_images}")
+    if seed == -1:
+        seed = random.randrange(2**32)
+    notices: list[str] = []
+    if turbo:
+        guidance = _turbo_guidance(guidance, notices)
+        if steps > TURBO_MAX_STEPS:
+            raise BadInputError(
+                f"SDXL-Turbo makes an image in 1 to {TURBO_MAX_STEPS} steps; {steps} steps were asked "
+                "(leave steps empty for 1)"
+            )
+    loras = merge_loras(tagged, request.loras)
+    # The parameters text keeps the prompt as typed; LoRAs given apart from it are written in as tags.
+    shown = f"{prompt} {lora_tags(loras)}" if request.loras else request.prompt.strip()
+    return Plan(
+        prompt=prompt,
+        shown_prompt=shown,
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=float(guidance),
+        seed=seed,
+        num_images=num_images,
+        scheduler=scheduler,
+        loras=loras,
+        notices=tuple(notices),
+    )
+
+
+def _check_size(settings: ImageSettings, name: str, value: int) -> int:
+    low, high = settings.min_size, settings.max_size
+    if not _is_whole(value):
+        raise BadInputError(f"{name} must be a whole number of pixels, got {value!r}")
+    if value % 8:
+        lower = max(low, value - value % 8)
+        raise BadInputError(f"{name} {value} is not a multiple of 8; use {lower} or {lower + 8}")
+    _check_range(name, value, low, high, "image.min_size / image.max_size")
+    return value
+
+
+def _turbo_guidance(guidance: float, notices: list[str]) -> float:
+    if guidance > 0:
+        notices.append(f"SDXL-Turbo works without guidance: the guidance {guidance:g} was set to 0.")
+    return 0.0
+
+
+# ----------------------------------------------------------------------------
+# Small checks
+# ----------------------------------------------------------------------------
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _check_text(name: str, text: str) -> str:
+    if not isinstance(text, str):
+        raise BadInputError(f"the {name} must be text")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise BadInputError(
+            f"the {name} is {len(text):,} characters; the limit is {MAX_PROMPT_CHARS:,}. Shorten it "
+            "(the text encoder reads only the first 77 tokens anyway)"
+        )
+    return text
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_range(name: str, value: int, low: int, high: int, setting: str) -> None:
+    if not _is_whole(value):
+        raise BadInputError(f"{name} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise BadInputError(f"{name} must be between {low} and {high} ({setting} in config.yaml), got {value}")
