@@ -60,6 +60,8 @@ format: $(TEST_STAMP)
 bench: $(APP_STAMP)
 	$(PY) bench/chat.py
 	$(PY) bench/api.py
+	$(PY) bench/vision.py
+	$(PY) bench/generate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
