@@ -158,10 +158,10 @@ def loras_of(value: dict[str, float] | list[dict[str, Any]] | None) -> tuple[tup
         raise BadInputError('loras must be {"name": weight} or a list of {"name": ..., "weight": ...}') from None
 
 
-def png_base64(image: Any) -> str:
+def png_bytes(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
 
 
 def parse_messages(raw: list[dict[str, Any]]) -> tuple[list[Message], list[str]]:
@@ -391,8 +391,9 @@ def openai_router(services: Services, server: ServerSettings, outputs_dir: Path)
             if body.response_format == "url" and item.path is not None:
                 day_and_name = item.path.resolve().relative_to(outputs_dir.resolve()).as_posix()
                 entry["url"] = f"{request.base_url}outputs/{day_and_name}"
-            else:
-                entry["b64_json"] = png_base64(item.image)
+            else:  # the saved file carries the parameters text; an in-memory image does not
+                data_bytes = item.path.read_bytes() if item.path is not None else png_bytes(item.image)
+                entry["b64_json"] = base64.b64encode(data_bytes).decode("ascii")
             data.append(entry)
         return {"created": int(time.time()), "data": data, "output_format": "png"}
 

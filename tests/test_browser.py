@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import shutil
 import time
 
@@ -120,4 +121,21 @@ def test_text_to_image_tab_generates_into_the_gallery(running_app: RunningApp, b
     expect(page.locator("#image-gallery img").first).to_be_visible(timeout=60_000)
     expect(page.locator("#image-info")).to_contain_text("seed", timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "text-to-image-tab.png"), full_page=True)
+    page.close()
+
+
+def test_dropping_a_generated_png_restores_its_settings(running_app: RunningApp, browser, tmp_path) -> None:
+    made = httpx.post(
+        f"{running_app.url}/v1/images/generations",
+        json={"prompt": "a red barn <lora:film-grain:0.6>", "size": "64x64", "steps": 2, "seed": 42},
+        timeout=120,
+    ).json()
+    png = tmp_path / "made-here.png"
+    png.write_bytes(base64.b64decode(made["data"][0]["b64_json"]))
+    page = browser.new_page()
+    page.goto(running_app.url)
+    page.get_by_role("tab", name="Text to image").click()
+    page.locator("#image-restore input[type=file]").set_input_files(str(png))
+    expect(page.locator("#image-prompt textarea")).to_have_value("a red barn <lora:film-grain:0.6>", timeout=30_000)
+    expect(page.get_by_label("Seed (-1: random)")).to_have_value("42")
     page.close()
