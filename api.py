@@ -335,7 +335,8 @@ def create_app(services: Services, server: ServerSettings, outputs_dir: Path, de
 
     app.include_router(openai_router(services, server, outputs_dir))
     if demo is not None:
-        app = gr.mount_gradio_app(app, demo, path="/", footer_links=["settings"])
+        # Generated images live in outputs_dir; the chat shows them inline.
+        app = gr.mount_gradio_app(app, demo, path="/", footer_links=["settings"], allowed_paths=[str(outputs_dir)])
     return app
 
 

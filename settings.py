@@ -113,6 +113,11 @@ class ImageSettings(_Strict):
     defaults: ImageDefaults = ImageDefaults()
 
 
+class AssistantSettings(_Strict):
+    interpret_image_prompts: bool = True
+    classify_undecided: bool = True
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     models_dir: Path = Path("models")
@@ -120,6 +125,7 @@ class Settings(_Strict):
     chat: ChatSettings = ChatSettings()
     vision: VisionSettings = VisionSettings()
     image: ImageSettings = ImageSettings()
+    assistant: AssistantSettings = AssistantSettings()
 
     def model_path(self, name: str) -> Path:
         """A model path from config: absolute as written, else under models_dir."""

@@ -10,6 +10,16 @@ from gradio_client import Client
 from tests.conftest import RunningApp, start_app, stop_app, write_config
 
 
+def said(text: str) -> dict:
+    """The chat input's value: text and attached files."""
+    return {"text": text, "files": []}
+
+
+def roles(history: list[dict]) -> list[str]:
+    """Who spoke, with route notes (assistant messages with a title) marked as "note"."""
+    return ["note" if (m.get("metadata") or {}).get("title") else m["role"] for m in history]
+
+
 def reply_text(history: list[dict]) -> str:
     content = history[-1]["content"]
     return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
@@ -24,11 +34,14 @@ def test_health_and_status_endpoints(running_app: RunningApp) -> None:
 
 def test_chat_streams_through_the_running_app(running_app: RunningApp) -> None:
     client = Client(running_app.url, verbose=False)
-    job = client.submit("Hello! Who are you?", [], "You are a helpful assistant.", 0.0, 1.0, 32, 1, api_name="/chat")
+    job = client.submit(
+        said("Hello! Who are you?"), [], "You are a helpful assistant.", 0.0, 1.0, 32, 1, api_name="/chat"
+    )
     updates = list(job)
     assert len(updates) > 2, "the reply should stream in several updates"
     _, history = job.outputs()[-1]
-    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert roles(history) == ["user", "note", "assistant"]
+    assert history[1]["metadata"]["title"].startswith("→ chat model")
     assert reply_text(history).strip()
     # The resident model and its load time now show in the status endpoint.
     resident = httpx.get(f"{running_app.url}/api/status").json()["resident"]
@@ -37,27 +50,27 @@ def test_chat_streams_through_the_running_app(running_app: RunningApp) -> None:
 
 def test_follow_up_keeps_the_conversation(running_app: RunningApp) -> None:
     client = Client(running_app.url, verbose=False)
-    _, first = client.predict("My name is Ada.", [], "", 0.0, 1.0, 16, 1, api_name="/chat")
-    _, second = client.predict("What did I just tell you?", first, "", 0.0, 1.0, 16, 1, api_name="/chat")
-    assert [m["role"] for m in second] == ["user", "assistant", "user", "assistant"]
+    _, first = client.predict(said("My name is Ada."), [], "", 0.0, 1.0, 16, 1, api_name="/chat")
+    _, second = client.predict(said("What did I just tell you?"), first, "", 0.0, 1.0, 16, 1, api_name="/chat")
+    assert roles(second) == ["user", "note", "assistant", "user", "note", "assistant"]
     assert reply_text(second).strip()
 
 
 def test_empty_message_is_not_sent(running_app: RunningApp) -> None:
     client = Client(running_app.url, verbose=False)
-    _, history = client.predict("   ", [], "", 0.0, 1.0, 16, 1, api_name="/chat")
+    _, history = client.predict(said("   "), [], "", 0.0, 1.0, 16, 1, api_name="/chat")
     assert history == []
 
 
 def test_huge_message_gets_a_clear_error_and_the_app_keeps_running(running_app: RunningApp) -> None:
     client = Client(running_app.url, verbose=False)
     try:
-        client.predict("x" * 200_000, [], "", 0.0, 1.0, 16, 1, api_name="/chat")
+        client.predict(said("x" * 200_000), [], "", 0.0, 1.0, 16, 1, api_name="/chat")
         raised = None
     except Exception as error:  # gradio_client raises AppError carrying the gr.Error text
         raised = str(error)
     assert raised is not None and "200,000 characters" in raised
-    _, history = client.predict("Say hi.", [], "", 0.0, 1.0, 8, 1, api_name="/chat")
+    _, history = client.predict(said("Say hi."), [], "", 0.0, 1.0, 8, 1, api_name="/chat")
     assert reply_text(history).strip()
 
 
@@ -68,7 +81,7 @@ def test_concurrent_chats_are_all_answered(running_app: RunningApp) -> None:
     def ask(number: int) -> None:
         try:
             client = Client(running_app.url, verbose=False)
-            _, history = client.predict(f"Say the number {number}.", [], "", 0.0, 1.0, 8, 1, api_name="/chat")
+            _, history = client.predict(said(f"Say the number {number}."), [], "", 0.0, 1.0, 8, 1, api_name="/chat")
             answers.append(reply_text(history))
         except BaseException as error:
             errors.append(error)

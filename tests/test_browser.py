@@ -40,13 +40,18 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Browser:
         context.close()
 
 
+def last_answer(page):  # -> Locator
+    """The text of the newest answer in the Chat tab (its route note is a separate, titled block)."""
+    return page.locator("#chatbot .bot-row").last.locator(".message-content .md").last
+
+
 def test_chat_in_the_browser_streams_a_reply(running_app: RunningApp, browser) -> None:
     page = browser.new_page()
     page.goto(running_app.url)
     box = page.locator("#chat-input textarea")
     box.fill("Write one sentence about the sea.")
     box.press("Enter")
-    reply = page.locator("#chatbot .bot.message").last
+    reply = last_answer(page)
     expect(reply).to_be_visible(timeout=60_000)
     expect(reply).not_to_have_text("", timeout=60_000)
     expect(box).to_have_value("")
@@ -63,7 +68,7 @@ def test_empty_message_is_not_sent_in_the_browser(running_app: RunningApp, brows
     page = browser.new_page()
     page.goto(running_app.url)
     page.locator("#chat-input textarea").fill("   ")
-    page.locator("#chat-send").click()
+    page.locator("#chat-input textarea").press("Enter")
     page.wait_for_timeout(1500)
     assert page.locator("#chatbot .user.message").count() == 0
     page.close()
@@ -79,7 +84,7 @@ def test_stop_cancels_a_reply_mid_stream_and_releases_the_model(running_app: Run
     box = page.locator("#chat-input textarea")
     box.fill("Write a very long story about a dragon and a lighthouse keeper.")
     box.press("Enter")
-    reply = page.locator("#chatbot .bot.message").last
+    reply = last_answer(page)
     expect(reply).not_to_have_text("", timeout=60_000)
     page.locator("#chat-stop").click()
     deadline = time.monotonic() + 5
@@ -139,3 +144,61 @@ def test_dropping_a_generated_png_restores_its_settings(running_app: RunningApp,
     expect(page.locator("#image-prompt textarea")).to_have_value("a red barn <lora:film-grain:0.6>", timeout=30_000)
     expect(page.get_by_label("Seed (-1: random)")).to_have_value("42")
     page.close()
+
+
+def wait_until_finished(page, app: RunningApp, timeout_s: float = 60) -> None:
+    """Until no model is in use and the UI has taken the last update (a chat input ignores
+    Enter while its previous message is still being answered)."""
+    deadline = time.monotonic() + timeout_s
+    while any(m["refs"] for m in httpx.get(f"{app.url}/api/status").json()["resident"]):
+        assert time.monotonic() < deadline, "a model stayed in use"
+        time.sleep(0.1)
+    expect(page.locator("#chatbot .pending")).to_have_count(0, timeout=timeout_s * 1000)
+    page.wait_for_timeout(300)
+
+
+def load_counts(app: RunningApp) -> dict[str, int]:
+    counts = httpx.get(f"{app.url}/api/status").json()["load_counts"]
+    return {kind: sum(n for label, n in counts.items() if label.startswith(kind + ":")) for kind in KINDS}
+
+
+KINDS = ("chat", "vision", "image")
+
+
+def test_one_conversation_chats_draws_and_looks(running_app: RunningApp, browser, tmp_path) -> None:
+    resident = [m["kind"] for m in httpx.get(f"{running_app.url}/api/status").json()["resident"]]
+    before = load_counts(running_app)
+    page = browser.new_page()
+    page.goto(running_app.url)
+    box = page.locator("#chat-input textarea")
+    rows = page.locator("#chatbot .bot-row")
+
+    box.fill("Hello! Say one short sentence.")
+    box.press("Enter")
+    expect(rows.last).to_contain_text("→ chat model", timeout=60_000)
+    expect(last_answer(page)).not_to_have_text("", timeout=60_000)
+    wait_until_finished(page, running_app)
+
+    box.fill("draw a lighthouse at dusk")
+    box.press("Enter")
+    expect(rows.last).to_contain_text("→ image generator: asked to draw", timeout=60_000)
+    expect(rows.last.locator("img").first).to_be_visible(timeout=120_000)
+    expect(rows.last).to_contain_text("Prompt used:", timeout=10_000)
+    wait_until_finished(page, running_app)
+
+    picture = tmp_path / "green.png"
+    Image.new("RGB", (40, 40), (20, 160, 40)).save(picture)
+    page.locator("#chat-input input[type=file]").set_input_files(str(picture))
+    box.fill("What is in this picture?")
+    box.press("Enter")
+    expect(rows.last).to_contain_text("→ vision model", timeout=60_000)
+    expect(last_answer(page)).not_to_have_text("", timeout=60_000)
+    expect(page.locator("#model-status")).to_contain_text("vision:tiny-llava", timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "assistant-conversation.png"), full_page=True)
+    page.close()
+
+    after = load_counts(running_app)
+    # One model at a time: chat (unless it was loaded already), the generator, then vision.
+    assert after["chat"] - before["chat"] == (0 if "chat" in resident else 1)
+    assert after["image"] - before["image"] == 1
+    assert after["vision"] - before["vision"] == 1

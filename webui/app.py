@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from assistant import Assistant
 from errors import AppError
 from services import Services
 from settings import Settings
@@ -41,7 +42,7 @@ def build_ui(services: Services, settings: Settings) -> gr.Blocks:
         def after(event: Any) -> None:
             event.then(refresh_status, None, [notice, status], show_progress="hidden", api_visibility="private")
 
-        wire_chat_tab(chat_tab, services.chat, after)
+        wire_chat_tab(chat_tab, Assistant(services, settings.assistant), services.chat, after)
         wire_vision_tab(vision_tab, services.vision, settings.vision.default_question, after)
         wire_image_tab(image_tab, services.images, after)
         gr.Timer(2.0).tick(refresh_status, None, [notice, status], show_progress="hidden", api_visibility="private")

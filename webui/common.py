@@ -29,11 +29,14 @@ def text_of(content: Any) -> str:
 
 
 def plain_history(history: History | None) -> list[Message]:
-    return [
-        {"role": m["role"], "content": text_of(m.get("content"))}
-        for m in history or []
-        if m.get("role") in ("user", "assistant")
-    ]
+    """The text turns of a chatbot's history: route notes (messages with a title) and
+    pictures are shown to the user, not sent to a model."""
+    turns: list[Message] = []
+    for message in history or []:
+        text = text_of(message.get("content"))
+        if message.get("role") in ("user", "assistant") and text and not (message.get("metadata") or {}).get("title"):
+            turns.append({"role": message["role"], "content": text})
+    return turns
 
 
 def as_gradio_error(error: Exception) -> gr.Error:
@@ -44,6 +47,20 @@ def as_gradio_error(error: Exception) -> gr.Error:
     return gr.Error(f"Unexpected error ({type(error).__name__}: {error}). The app keeps running; the log has details.")
 
 
+def stream_into(stream: TextStream, shown: History) -> Iterator[History]:
+    """Append an assistant message to ``shown`` and fill it as ``stream`` produces text."""
+    shown = [*shown, {"role": "assistant", "content": ""}]
+    try:
+        for piece in stream:
+            shown[-1]["content"] += piece
+            yield shown
+    finally:
+        stream.close()
+    if stream.finish_reason == "length":
+        shown[-1]["content"] += " …"
+        yield shown
+
+
 def stream_reply(
     stream: TextStream, earlier: list[Message], question: str, shown_question: str | None = None
 ) -> Iterator[tuple[Any, History]]:
@@ -52,24 +69,14 @@ def stream_reply(
     On an error the question goes back into the input box and the chatbot returns to
     ``earlier``, so nothing the user typed is lost.
     """
-    shown: History = [
-        *earlier,
-        {"role": "user", "content": shown_question or question},
-        {"role": "assistant", "content": ""},
-    ]
+    shown: History = [*earlier, {"role": "user", "content": shown_question or question}]
     yield "", shown
     try:
-        for piece in stream:
-            shown[-1]["content"] += piece
-            yield gr.skip(), shown
+        for chatbot in stream_into(stream, shown):
+            yield gr.skip(), chatbot
     except Exception as error:
         yield question, earlier
         raise as_gradio_error(error) from None
-    finally:
-        stream.close()
-    if stream.finish_reason == "length":
-        shown[-1]["content"] += " …"
-        yield gr.skip(), shown
 
 
 def format_size(size: int) -> str:
