@@ -15,7 +15,7 @@ import io
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
+from assistant import Assistant
 from chat import json_grammar
 from errors import (
     AppError,
@@ -38,6 +39,7 @@ from errors import (
     TooLargeError,
 )
 from generator import ImageRequest
+from router import RouteDecision
 from services import Services
 from settings import ServerSettings
 from text_generation import Message, TextStream
@@ -289,7 +291,13 @@ def sse(data: dict[str, Any] | str) -> str:
 # ----------------------------------------------------------------------------
 
 
-def create_app(services: Services, server: ServerSettings, outputs_dir: Path, demo: gr.Blocks | None = None) -> FastAPI:
+def create_app(
+    services: Services,
+    server: ServerSettings,
+    outputs_dir: Path,
+    demo: gr.Blocks | None = None,
+    assistant: Assistant | None = None,
+) -> FastAPI:
     app = FastAPI(title="Enclave", docs_url="/api/docs", redoc_url=None)
     max_body = int(server.max_request_mb * 2**20)
 
@@ -333,7 +341,7 @@ def create_app(services: Services, server: ServerSettings, outputs_dir: Path, de
             raise ApiError(404, f"no generated image {day}/{name}", "not_found")
         return FileResponse(path, media_type="image/png")
 
-    app.include_router(openai_router(services, server, outputs_dir))
+    app.include_router(openai_router(services, server, outputs_dir, assistant))
     if demo is not None:
         # Generated images live in outputs_dir; the chat shows them inline.
         app = gr.mount_gradio_app(app, demo, path="/", footer_links=["settings"], allowed_paths=[str(outputs_dir)])
@@ -352,7 +360,9 @@ def require_api_key(server: ServerSettings) -> Callable[[Request], None]:
     return check
 
 
-def openai_router(services: Services, server: ServerSettings, outputs_dir: Path) -> APIRouter:
+def openai_router(
+    services: Services, server: ServerSettings, outputs_dir: Path, assistant: Assistant | None
+) -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key(server))])
 
     @router.get("/models")
@@ -404,7 +414,15 @@ def openai_router(services: Services, server: ServerSettings, outputs_dir: Path)
             raise ApiError(400, "only n=1 is supported", "invalid_request", "invalid_request_error")
         messages, images = parse_messages(body.messages)
         cancel = threading.Event()
-        stream = start_text_stream(services, body, messages, images, cancel)
+        decision = route_auto(assistant, body, messages, images)
+        if decision is not None and decision.route == "image":
+            stream = drawing_stream(assistant, decision, f"{request.base_url}outputs/", outputs_dir, cancel)
+        elif decision is not None and decision.hint and not decision.prompt.strip():
+            stream = fixed_stream(decision.hint, "assistant")
+        else:
+            if decision is not None and decision.prompt.strip():
+                messages[-1] = {"role": "user", "content": decision.prompt}  # a /chat command stripped
+            stream = start_text_stream(services, body, messages, images, cancel)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -423,6 +441,45 @@ def openai_router(services: Services, server: ServerSettings, outputs_dir: Path)
         return completion_body(completion_id, stream, text)
 
     return router
+
+
+def route_auto(
+    assistant: Assistant | None, body: ChatCompletionRequest, messages: list[Message], images: list[str]
+) -> RouteDecision | None:
+    """With model "auto", route the last user message the way the Chat tab does."""
+    if assistant is None or body.model != "auto" or not messages or messages[-1]["role"] != "user":
+        return None
+    if not messages[-1]["content"].strip():
+        return None  # the chat service refuses an empty message with a 400
+    return assistant.decide(messages[-1]["content"], has_image=bool(images))
+
+
+def fixed_stream(text: str, model_name: str) -> TextStream:
+    def pieces(stream: TextStream) -> Iterator[str]:
+        stream.model_name = model_name
+        stream.finish_reason = "stop"
+        yield text
+
+    return TextStream(pieces)
+
+
+def drawing_stream(
+    assistant: Assistant, decision: RouteDecision, outputs_url: str, outputs_dir: Path, cancel: threading.Event
+) -> TextStream:
+    """A drawing request answered in chat: the picture as a Markdown image linking to the saved PNG."""
+
+    def pieces(stream: TextStream) -> Iterator[str]:
+        prompt = assistant.image_prompt(decision)
+        result = assistant.draw(prompt, cancel=cancel)
+        stream.model_name = result.model
+        stream.finish_reason = "stop"
+        for item in result.images:
+            if item.path is not None:
+                day_and_name = item.path.resolve().relative_to(outputs_dir.resolve()).as_posix()
+                yield f"![{prompt.prompt}]({outputs_url}{day_and_name})\n\n"
+        yield f"Prompt used: {prompt.prompt} (seed {', '.join(str(i.seed) for i in result.images)})"
+
+    return TextStream(pieces)
 
 
 def start_text_stream(

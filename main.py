@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from assistant import Assistant
 from chat import ChatService
 from generator import ImageService
 from cli import EXIT_ERROR, Console, build_parser, run_command
@@ -49,8 +50,9 @@ def serve(services: Services, settings: Settings, host: str, port: int) -> int:
 
     server = settings.server.model_copy(update={"host": host, "port": port})
     require_safe_exposure(server)
-    demo = build_ui(services, settings)
-    app = create_app(services, server, settings.image.outputs_dir, demo)
+    assistant = Assistant(services, settings.assistant)
+    demo = build_ui(services, settings, assistant)
+    app = create_app(services, server, settings.image.outputs_dir, demo, assistant)
     services.manager.start_reaper()
     log.info("serving on http://%s:%d (device: %s)", host, port, services.manager.device)
     try:

@@ -369,3 +369,21 @@ def test_the_manager_swaps_models_one_at_a_time(running_app: RunningApp) -> None
         ][-len(recent) :]
     )
     assert all(r["seconds"] >= 0 for r in status["history"])
+
+
+def test_model_auto_draws_when_asked_and_links_the_picture(running_app: RunningApp) -> None:
+    response = client_for(running_app).chat.completions.create(
+        model="auto", messages=ask("/draw a small red boat"), max_tokens=32
+    )
+    validate(response.model_dump(exclude_unset=True), "CreateChatCompletionResponse")
+    content = response.choices[0].message.content
+    assert response.model == "tiny-sd15"
+    url = content[content.index("](") + 2 : content.index(")", content.index("]("))]
+    fetched = httpx.get(url)
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+    assert "Prompt used:" in content
+
+
+def test_model_auto_answers_a_bare_command_with_a_hint(running_app: RunningApp) -> None:
+    response = client_for(running_app).chat.completions.create(model="auto", messages=ask("/draw"), max_tokens=8)
+    assert "/draw" in response.choices[0].message.content

@@ -17,7 +17,7 @@ from webui.image_tab import build_image_tab, wire_image_tab
 from webui.vision_tab import build_vision_tab, wire_vision_tab
 
 
-def build_ui(services: Services, settings: Settings) -> gr.Blocks:
+def build_ui(services: Services, settings: Settings, assistant: Assistant) -> gr.Blocks:
     with gr.Blocks(title="Enclave — local AI workstation") as demo:
         gr.Markdown("## Enclave · local AI workstation\nEverything runs on this machine; nothing leaves it.")
         notice = gr.Markdown(visible=False, elem_id="model-notice")
@@ -42,7 +42,7 @@ def build_ui(services: Services, settings: Settings) -> gr.Blocks:
         def after(event: Any) -> None:
             event.then(refresh_status, None, [notice, status], show_progress="hidden", api_visibility="private")
 
-        wire_chat_tab(chat_tab, Assistant(services, settings.assistant), services.chat, after)
+        wire_chat_tab(chat_tab, assistant, services.chat, after)
         wire_vision_tab(vision_tab, services.vision, settings.vision.default_question, after)
         wire_image_tab(image_tab, services.images, after)
         gr.Timer(2.0).tick(refresh_status, None, [notice, status], show_progress="hidden", api_visibility="private")
