@@ -568,11 +568,12 @@ _IMAGE_PROMPT_EXAMPLES: tuple[tuple[str, dict[str, str]], ...] = (
 
 def image_prompt_schema(max_tokens: int) -> dict[str, Any]:
     """The JSON the model must write. The lengths are bounded (about 4 characters a token)
-    so that the JSON closes well within ``max_tokens`` and always parses."""
+    so that the JSON closes well within ``max_tokens`` and always parses; the prompt stays
+    within what CLIP reads (77 tokens, about 300 characters)."""
     return {
         "type": "object",
         "properties": {
-            "prompt": {"type": "string", "minLength": 1, "maxLength": max(20, min(400, 2 * max_tokens))},
+            "prompt": {"type": "string", "minLength": 1, "maxLength": max(20, min(300, 2 * max_tokens))},
             "negative_prompt": {"type": "string", "maxLength": max(10, min(150, max_tokens // 2))},
         },
         "required": ["prompt", "negative_prompt"],

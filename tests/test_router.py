@@ -281,7 +281,11 @@ def test_the_rules_strip_the_drawing_phrase(text: str, prompt: str) -> None:
 
 def test_the_prompt_schema_is_bounded_so_the_json_closes_within_max_tokens() -> None:
     schema = image_prompt_schema(200)
-    assert schema["properties"]["prompt"] == {"type": "string", "minLength": 1, "maxLength": 400}
+    assert schema["properties"]["prompt"] == {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 300,
+    }  # CLIP reads about 300 characters
     assert schema["properties"]["negative_prompt"]["maxLength"] == 100
     assert image_prompt_schema(60)["properties"]["prompt"]["maxLength"] == 120
 
