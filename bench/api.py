@@ -1,7 +1,9 @@
 """API overhead: the OpenAI-compatible endpoint against calling chat.py directly.
 
 One process serves the API (uvicorn in a thread) and calls the same ChatService
-directly, so both sides use the same loaded model, prompt, seed and threads.
+directly, so both sides use the same loaded model, prompt, seed and threads. (Two
+processes with a llama.cpp model each contend on a small machine: llama.cpp's idle
+worker threads spin for a while, so that setup measures the contention, not the API.)
 Prints the added latency of a non-streamed request in milliseconds and the
 streaming throughput ratio (HTTP / direct; target >= 0.97).
 Usage: python bench/api.py [--runs N] [--max-tokens N]
@@ -44,9 +46,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="llama.cpp threads (default: physical cores); fewer leaves a "
+        "core for the HTTP server and client, which otherwise compete with generation on a small machine",
+    )  # fmt: skip
     args = parser.parse_args()
 
     settings = load_settings(None)
+    if args.threads:
+        settings = settings.model_copy(update={"chat": settings.chat.model_copy(update={"threads": args.threads})})
     services = build_services(settings)
     port = free_port()
     server = uvicorn.Server(
@@ -83,8 +91,8 @@ def main() -> None:
         usage = None
         with client.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
             for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    usage = json.loads(line[6:]).get("usage") or usage
+                if '"usage": {' in line:  # parse only the last chunk: the client's work is not the API's
+                    usage = json.loads(line[6:])["usage"]
         return usage["completion_tokens"] / (time.perf_counter() - started)
 
     for warm_up in (direct_complete, http_complete, direct_stream, http_stream):
@@ -100,7 +108,9 @@ def main() -> None:
             samples[name].append(measure())
     direct, http = statistics.median(samples["direct"]), statistics.median(samples["http"])
     direct_tps, http_tps = statistics.median(samples["direct_tps"]), statistics.median(samples["http_tps"])
-    print(f"model: {services.chat.resolve_model().name}  runs: {args.runs}  max_tokens: {args.max_tokens}")
+    threads = services.chat.load_spec(services.chat.resolve_model().path).option("threads")
+    name = services.chat.resolve_model().name
+    print(f"model: {name}  threads: {threads}  runs: {args.runs}  max_tokens: {args.max_tokens}")
     print(f"non-streamed request: direct {direct * 1000:.1f} ms, HTTP {http * 1000:.1f} ms")
     print(f"added latency (HTTP - direct, median): {(http - direct) * 1000:.1f} ms")
     print(f"streaming: direct {direct_tps:.1f} tokens/s, HTTP {http_tps:.1f} tokens/s")
