@@ -363,10 +363,8 @@ def test_estimates_scale_with_precision(tiny_llava: Path) -> None:
 def test_quantised_loading_on_the_cpu_through_bitsandbytes(
     tiny_llava: Path, picture: Image.Image, precision: str, layer: str
 ) -> None:
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as error:  # an import failure of any kind means it cannot run here
-        pytest.skip(f"bitsandbytes cannot be imported here ({error}); quantised loading needs it")
+    import bitsandbytes  # noqa: F401 - a requirement: failing to import it is a failure, not a skip
+
     quantised = make_service(tiny_llava, precision=precision)
     assert quantised.load_spec().option("precision") == precision
     assert quantised.notice() == f"No CUDA GPU: LLaVA runs {precision} on the CPU through bitsandbytes (slow)."
