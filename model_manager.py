@@ -22,6 +22,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -263,13 +264,6 @@ class _Entry:
     memory_before_load: int = 0
 
 
-class _HeldByThread(threading.local):
-    """The specs the current thread holds, to refuse an acquire that would wait on itself."""
-
-    def __init__(self) -> None:
-        self.counts: dict[LoadSpec, int] = {}
-
-
 # ----------------------------------------------------------------------------
 # The manager
 # ----------------------------------------------------------------------------
@@ -296,7 +290,10 @@ class ModelManager:
         self._entries: dict[LoadSpec, _Entry] = {}
         self._cond = threading.Condition()
         self._transition_in_progress = False
-        self._held = _HeldByThread()
+        # What the current request holds, to refuse an acquire that would wait on itself. A
+        # context variable, not a thread-local: web servers resume one streaming request on
+        # different pool threads, and each request runs in its own copied context.
+        self._held: ContextVar[dict[LoadSpec, int] | None] = ContextVar(f"models-held-{id(self)}", default=None)
         self._history: deque[TransitionRecord] = deque(maxlen=100)
         self._load_counts: dict[str, int] = {}
         self._reaper_stop = threading.Event()
@@ -316,7 +313,10 @@ class ModelManager:
     def acquire(self, spec: LoadSpec) -> Iterator[Any]:
         """Borrow the model for ``spec``, loading it (and evicting others) if needed."""
         entry = self._check_out(spec)
-        held = self._held.counts
+        held = self._held.get()
+        if held is None:
+            held = {}
+            self._held.set(held)
         held[spec] = held.get(spec, 0) + 1
         try:
             yield entry.model
@@ -325,6 +325,9 @@ class ModelManager:
             if not held[spec]:
                 del held[spec]
             self._check_in(entry)
+
+    def _held_now(self) -> dict[LoadSpec, int]:
+        return self._held.get() or {}
 
     def _check_out(self, spec: LoadSpec) -> _Entry:
         if spec.kind not in self._loaders:
@@ -338,7 +341,7 @@ class ModelManager:
                     if entry is not None and entry.state is ModelState.READY:
                         # A model others wait to see idle takes no new users, except from a
                         # thread that already holds a model: making it wait could deadlock.
-                        if entry.drain_waiters == 0 or self._held.counts:
+                        if entry.drain_waiters == 0 or self._held_now():
                             entry.refs += 1
                             entry.last_used = self._clock()
                             return entry
@@ -375,7 +378,7 @@ class ModelManager:
     def _plan_for(self, spec: LoadSpec) -> tuple[int, EvictionPlan]:
         needed = self._loaders[spec.kind].estimate_bytes(spec)
         resident = [
-            ResidentInfo(e.spec, e.size_bytes, e.last_used, e.refs > 0, e.spec in self._held.counts)
+            ResidentInfo(e.spec, e.size_bytes, e.last_used, e.refs > 0, e.spec in self._held_now())
             for e in self._entries.values()
             if e.state is ModelState.READY
         ]
@@ -390,7 +393,7 @@ class ModelManager:
         return needed, plan
 
     def _refuse_self_deadlock(self, spec: LoadSpec, blockers: Sequence[Hashable]) -> None:
-        mine = [key for key in blockers if key in self._held.counts]
+        mine = [key for key in blockers if key in self._held_now()]
         if mine:
             raise BusyError(
                 f"{spec.label} cannot load while this request still holds "

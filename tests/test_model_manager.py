@@ -6,7 +6,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1076,3 +1076,38 @@ def test_vram_budget_plan_waits_for_the_fewest_busy_models_and_the_callers_own_l
     # one_at_a_time waits for every busy model, the caller's own last.
     resident = [mine("a", 1, 10), r("b", 1, 20, in_use=True)]
     assert plan_eviction(GIB, resident, "one_at_a_time", 10 * GIB) == EvictionPlan(wait_for=("b", "a"))
+
+
+def test_a_streaming_request_resumed_on_a_pool_thread_does_not_mark_that_thread_as_holding() -> None:
+    """Web servers run each step of a streaming reply on whichever pool thread is free, in a copy of
+    the request's context. Another request later served by the same thread must wait for the model
+    like everyone else, not be refused as if it held the model itself."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    h = make(wait_timeout_s=0.3)
+
+    def streaming_reply() -> Iterator[None]:
+        with h.manager.acquire(spec("a")):
+            yield
+            yield
+
+    reply = streaming_reply()
+    with ThreadPoolExecutor(max_workers=1) as pool:  # one thread: both requests share it
+
+        def step(function: Any) -> Any:
+            return pool.submit(contextvars.copy_context().run, function).result(timeout=JOIN_S)
+
+        step(lambda: next(reply))  # the first request now holds "a"
+
+        def other_request() -> str:
+            try:
+                with h.manager.acquire(spec("b")):
+                    return "loaded"
+            except BusyError as error:
+                return str(error)
+
+        outcome = step(other_request)
+        assert "could not be loaded within" in outcome  # it waited, then gave up: not "release it first"
+        reply.close()
+        assert step(other_request) == "loaded"
