@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import hmac
 import io
+import logging
 import threading
 import time
 import uuid
@@ -45,6 +46,7 @@ from settings import ServerSettings
 from text_generation import Message, TextStream
 
 RETRY_AFTER_S = 5
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------
@@ -328,7 +330,13 @@ def create_app(
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/api/status")
+    @app.exception_handler(Exception)
+    async def on_unexpected_error(_: Request, error: Exception) -> JSONResponse:
+        log.error("unexpected error while serving a request", exc_info=error)
+        message = f"unexpected error ({type(error).__name__}: {error}); the server keeps running, its log has details"
+        return error_response(ApiError(500, message, "internal_error", "server_error"))
+
+    @app.get("/api/status", dependencies=[Depends(require_api_key(server))])
     def status() -> dict[str, Any]:
         return dataclasses.asdict(services.manager.status())
 
@@ -344,8 +352,20 @@ def create_app(
     app.include_router(openai_router(services, server, outputs_dir, assistant))
     if demo is not None:
         # Generated images live in outputs_dir; the chat shows them inline.
-        app = gr.mount_gradio_app(app, demo, path="/", footer_links=["settings"], allowed_paths=[str(outputs_dir)])
+        app = gr.mount_gradio_app(
+            app,
+            demo,
+            path="/",
+            footer_links=["settings"],
+            allowed_paths=[str(outputs_dir)],
+            # With an API key the browser UI asks for it too (any user name, the key as password).
+            auth=(lambda _user, password: key_matches(password, server.api_key)) if server.api_key else None,
+        )
     return app
+
+
+def key_matches(given: str, key: str | None) -> bool:
+    return key is not None and hmac.compare_digest(given.encode(), key.encode())
 
 
 def require_api_key(server: ServerSettings) -> Callable[[Request], None]:
@@ -354,7 +374,7 @@ def require_api_key(server: ServerSettings) -> Callable[[Request], None]:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), server.api_key):
+        if scheme.lower() != "bearer" or not key_matches(token.strip(), server.api_key):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
 
     return check
@@ -414,15 +434,20 @@ def openai_router(
             raise ApiError(400, "only n=1 is supported", "invalid_request", "invalid_request_error")
         messages, images = parse_messages(body.messages)
         cancel = threading.Event()
-        decision = route_auto(assistant, body, messages, images)
-        if decision is not None and decision.route == "image":
-            stream = drawing_stream(assistant, decision, f"{request.base_url}outputs/", outputs_dir, cancel)
-        elif decision is not None and decision.hint and not decision.prompt.strip():
-            stream = fixed_stream(decision.hint, "assistant")
-        else:
-            if decision is not None and decision.prompt.strip():
-                messages[-1] = {"role": "user", "content": decision.prompt}  # a /chat command stripped
-            stream = start_text_stream(services, body, messages, images, cancel)
+
+        def begin() -> TextStream:  # routing may ask the chat model and decode an image: not on the event loop
+            decision = route_auto(assistant, body, messages, images)
+            if decision is None:
+                return start_text_stream(services, body, messages, images, cancel)
+            if decision.route == "image":
+                return drawing_stream(assistant, decision, f"{request.base_url}outputs/", outputs_dir, cancel)
+            if decision.hint and not decision.prompt.strip() and decision.route != "vision":
+                return fixed_stream(decision.hint, "assistant")
+            messages[-1] = {"role": "user", "content": decision.prompt}  # a command prefix stripped
+            routed_images = images if decision.route == "vision" else []
+            return start_text_stream(services, body, messages, routed_images, cancel)
+
+        stream = await run_in_threadpool(begin)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -581,8 +606,10 @@ async def stream_events(
         if include_usage:
             yield sse({**chunk({}), "choices": [], "usage": usage_of(stream)})
         yield sse("[DONE]")
-    except AppError as error:  # after the first piece: report inside the stream, headers are gone
-        failure = api_error_for(error)
+    except Exception as error:  # after the first piece: report inside the stream, headers are gone
+        if not isinstance(error, AppError):
+            log.error("unexpected error while streaming", exc_info=error)
+        failure = api_error_for(error if isinstance(error, AppError) else AppError(f"unexpected error: {error}"))
         yield sse(error_body(str(failure), failure.error_type, failure.code))
     finally:
         cancel.set()  # the client left or the reply ended: stop generating, release the model

@@ -196,10 +196,11 @@ def test_eight_concurrent_chats_are_all_answered(running_app: RunningApp) -> Non
     assert len(resident) == 1 and resident[0]["refs"] == 0 and resident[0]["state"] == "ready"
 
 
-def wait_until_idle(app: RunningApp, timeout_s: float) -> bool:
+def wait_until_idle(app: RunningApp, timeout_s: float, key: str | None = None) -> bool:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        resident = httpx.get(f"{app.url}/api/status").json()["resident"]
+        resident = httpx.get(f"{app.url}/api/status", headers=headers).json()["resident"]
         if all(m["refs"] == 0 for m in resident):
             return True
         time.sleep(0.1)
@@ -247,6 +248,10 @@ def test_api_key_is_required_when_configured(guarded_app: RunningApp) -> None:
     assert response.status_code == 401
     assert {m.id for m in client_for(guarded_app, "s3cret").models.list().data} >= {"other"}
     assert httpx.get(f"{guarded_app.url}/health").status_code == 200  # health stays open for monitoring
+    assert httpx.get(f"{guarded_app.url}/api/status").status_code == 401
+    assert httpx.get(f"{guarded_app.url}/config").status_code == 401  # the browser UI asks for the key too
+    login = httpx.post(f"{guarded_app.url}/login", data={"username": "me", "password": "s3cret"})
+    assert login.status_code == 200 and login.json() == {"success": True}
 
 
 def test_busy_model_gives_503_with_retry_after(guarded_app: RunningApp) -> None:
@@ -261,7 +266,7 @@ def test_busy_model_gives_503_with_retry_after(guarded_app: RunningApp) -> None:
     assert caught.value.status_code == 503
     assert caught.value.response.headers["retry-after"].isdigit()
     validate(caught.value.response.json(), "ErrorResponse")
-    assert wait_until_idle(guarded_app, timeout_s=5.0)
+    assert wait_until_idle(guarded_app, timeout_s=5.0, key="s3cret")
     # Once the first request is gone, the other model loads (one at a time) and answers.
     response = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=ask("hi"), max_tokens=4)
     assert response.choices[0].message.content is not None
