@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from errors import ConfigError
 
@@ -111,6 +111,22 @@ class ImageSettings(_Strict):
     max_images: int = Field(8, ge=1)
     vae_tiling_above_pixels: int = Field(1024 * 1024, ge=0)
     defaults: ImageDefaults = ImageDefaults()
+
+    @model_validator(mode="after")
+    def _defaults_within_bounds(self) -> ImageSettings:
+        """Defaults every request would fail on are refused at start-up instead."""
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) is larger than max_size ({self.max_size})")
+        for name in ("width", "height"):
+            size = getattr(self.defaults, name)
+            if size % 8 or not self.min_size <= size <= self.max_size:
+                raise ValueError(
+                    f"defaults.{name} is {size}: it must be a multiple of 8 between min_size ({self.min_size}) "
+                    f"and max_size ({self.max_size})"
+                )
+        if self.defaults.steps > self.max_steps:
+            raise ValueError(f"defaults.steps ({self.defaults.steps}) is more than max_steps ({self.max_steps})")
+        return self
 
 
 class AssistantSettings(_Strict):

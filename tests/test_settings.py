@@ -356,3 +356,17 @@ def test_listening_beyond_loopback_without_a_key_stops_start_up(tmp_path: Path) 
     assert allowed.server.host == "0.0.0.0"
     with_key = load_settings(write(tmp_path, "server:\n  host: 192.168.1.5\n  api_key: abc\n"))
     assert with_key.server.api_key == "abc"
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("image:\n  defaults: {width: 500}\n", "defaults.width is 500"),
+        ("image:\n  max_size: 512\n  defaults: {height: 1024}\n", "defaults.height is 1024"),
+        ("image:\n  max_steps: 10\n", "defaults.steps (25) is more than max_steps (10)"),
+        ("image:\n  min_size: 1024\n  max_size: 512\n", "min_size (1024) is larger than max_size (512)"),
+    ],
+)
+def test_image_defaults_that_every_request_would_fail_on_stop_start_up(tmp_path: Path, text: str, problem: str) -> None:
+    message = config_error(tmp_path, text)
+    assert "'image'" in message and problem in message

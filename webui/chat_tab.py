@@ -7,6 +7,7 @@ shows where it went and why; generated images appear inline.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -88,7 +89,11 @@ def drawing_messages(drawing: Drawing) -> list[dict[str, Any]]:
     return messages
 
 
-def make_chat_handler(assistant: Assistant, chat: ChatService) -> Callable[..., Iterator[Update]]:
+def make_chat_handler(
+    assistant: Assistant, chat: ChatService, running: dict[str, threading.Event]
+) -> Callable[..., Iterator[Update]]:
+    """``running`` maps a browser session to the switch its Stop button sets."""
+
     def respond(
         message: dict[str, Any] | None,
         history: History,
@@ -98,8 +103,10 @@ def make_chat_handler(assistant: Assistant, chat: ChatService) -> Callable[..., 
         top_p: float,
         max_tokens: float,
         seed: float,
+        request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way to ask for a progress bar
     ) -> Iterator[Update]:
+        cancel = running[request.session_hash or ""] = threading.Event()
         text = (message or {}).get("text") or ""
         files = (message or {}).get("files") or []
         attached = str(files[-1]) if files else None
@@ -129,13 +136,13 @@ def make_chat_handler(assistant: Assistant, chat: ChatService) -> Callable[..., 
             return
         shown.append(note(decision))
         if decision.route == "image":
-            yield from draw(decision, shown, message, history, active_image, progress)
+            yield from draw(decision, shown, message, history, active_image, progress, cancel)
             return
         try:
             if decision.route == "vision":
-                stream = assistant.look(image or "", earlier, decision)
+                stream = assistant.look(image or "", earlier, decision, cancel=cancel)
             else:
-                stream = assistant.chat(earlier, decision, params, system_prompt=system_prompt)
+                stream = assistant.chat(earlier, decision, params, system_prompt=system_prompt, cancel=cancel)
         except Exception as error:
             yield message, history, active_image
             raise as_gradio_error(error) from None
@@ -155,6 +162,7 @@ def make_chat_handler(assistant: Assistant, chat: ChatService) -> Callable[..., 
         history: History,
         active_image: str | None,
         progress: gr.Progress,
+        cancel: threading.Event,
     ) -> Iterator[Update]:
         yield "", shown, active_image
         try:
@@ -162,7 +170,9 @@ def make_chat_handler(assistant: Assistant, chat: ChatService) -> Callable[..., 
             shown[-1] = note(decision, f"Prompt written by the {prompt.by}: {prompt.prompt}")
             yield gr.skip(), shown, active_image
             result = assistant.draw(
-                prompt, progress=lambda step, total: progress((step, total), desc="Drawing", unit="steps")
+                prompt,
+                progress=lambda step, total: progress((step, total), desc="Drawing", unit="steps"),
+                cancel=cancel,
             )
         except Exception as error:
             yield message, history, active_image  # give the request back; nothing is lost
@@ -174,7 +184,14 @@ def make_chat_handler(assistant: Assistant, chat: ChatService) -> Callable[..., 
 
 def wire_chat_tab(tab: ChatTab, assistant: Assistant, chat: ChatService, after: Callable[[Any], None]) -> None:
     """Connect the tab's events; ``after(event)`` chains what should follow each reply."""
-    respond = make_chat_handler(assistant, chat)
+    running: dict[str, threading.Event] = {}  # one Stop switch per browser session
+    respond = make_chat_handler(assistant, chat, running)
+
+    def stop(request: gr.Request) -> None:
+        switch = running.get(request.session_hash or "")
+        if switch is not None:
+            switch.set()
+
     inputs = [
         tab.message,
         tab.chatbot,
@@ -188,7 +205,7 @@ def wire_chat_tab(tab: ChatTab, assistant: Assistant, chat: ChatService, after: 
     outputs = [tab.message, tab.chatbot, tab.active_image]
     submitted = tab.message.submit(respond, inputs, outputs, api_name="chat", concurrency_limit=1)
     after(submitted)
-    tab.stop.click(None, None, None, cancels=[submitted], api_visibility="private")
+    tab.stop.click(stop, None, None, cancels=[submitted], api_visibility="private", queue=False)
     tab.clear.click(
         lambda: ([], None, None), None, [tab.chatbot, tab.message, tab.active_image], api_visibility="private"
     )
