@@ -357,7 +357,8 @@ class ChatService:
         def pieces(stream: TextStream) -> Iterator[str]:
             stream.model_name = resolved.name
             stream.seed = seed
-            with self._manager.acquire(self.load_spec(resolved.path)) as model, model.lock:
+            spec = self.load_spec(resolved.path)
+            with self._manager.acquire(spec) as model, self._manager.exclusive(model.lock, spec):
                 yield from self._generate(model, system, turns, params, seed, cancel, stream, constraint)
 
         return TextStream(pieces)

@@ -245,7 +245,8 @@ class ImageService:
         loras = self._loras_for(plan, model)
         images: list[GeneratedImage] = []
         cancelled = False
-        with self._manager.acquire(self.load_spec(model)) as loaded, loaded.lock:
+        spec = self.load_spec(model)
+        with self._manager.acquire(spec) as loaded, self._manager.exclusive(loaded.lock, spec):
             self._prepare(loaded, plan, loras)
             model_hash_text = self._model_hash(loaded, model)
             lora_hashes = {lora.name: digest for lora, _, digest in loras}

@@ -310,6 +310,18 @@ class ModelManager:
     # -- borrowing ---------------------------------------------------------
 
     @contextlib.contextmanager
+    def exclusive(self, lock: threading.Lock, spec: LoadSpec) -> Iterator[None]:
+        """Hold a loaded model's own lock (one generation at a time), waiting at most wait_timeout_s."""
+        if not lock.acquire(timeout=self.wait_timeout_s):
+            raise BusyError(
+                f"{spec.label} stayed busy with other requests for {self.wait_timeout_s:.0f} s; try again shortly"
+            )
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @contextlib.contextmanager
     def acquire(self, spec: LoadSpec) -> Iterator[Any]:
         """Borrow the model for ``spec``, loading it (and evicting others) if needed."""
         entry = self._check_out(spec)

@@ -353,7 +353,8 @@ class VisionService:
         def pieces(stream: TextStream) -> Iterator[str]:
             stream.model_name = self.model_name
             stream.seed = seed
-            with self._manager.acquire(self.load_spec()) as model, model.lock:
+            spec = self.load_spec()
+            with self._manager.acquire(spec) as model, self._manager.exclusive(model.lock, spec):
                 inputs, max_new_tokens = self._fit(model, picture, system, turns, params, stream)
                 arguments = generation_arguments(params, max_new_tokens)
                 yield from self._generate(model, inputs, arguments, params.stop, seed, cancel, stream)

@@ -392,3 +392,16 @@ def test_model_auto_draws_when_asked_and_links_the_picture(running_app: RunningA
 def test_model_auto_answers_a_bare_command_with_a_hint(running_app: RunningApp) -> None:
     response = client_for(running_app).chat.completions.create(model="auto", messages=ask("/draw"), max_tokens=8)
     assert "/draw" in response.choices[0].message.content
+
+
+def test_a_request_waiting_too_long_for_the_same_busy_model_gets_503(guarded_app: RunningApp) -> None:
+    client = client_for(guarded_app, "s3cret")
+    stream = client.chat.completions.create(
+        model="other", messages=ask("Write a very long story."), max_tokens=1500, stream=True
+    )
+    next(iter(stream))  # "other" is generating; the server waits wait_timeout_s (1 s) for it
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model="other", messages=ask("hi"), max_tokens=4)
+    stream.close()
+    assert caught.value.status_code == 503 and "stayed busy" in caught.value.message
+    assert wait_until_idle(guarded_app, timeout_s=5.0, key="s3cret")

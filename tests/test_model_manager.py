@@ -1113,3 +1113,23 @@ def test_a_streaming_request_resumed_on_a_pool_thread_does_not_mark_that_thread_
         assert "could not be loaded within" in outcome  # it waited, then gave up: not "release it first"
         reply.close()
         assert step(other_request) == "loaded"
+
+
+def test_exclusive_use_of_a_loaded_model_times_out_as_busy() -> None:
+    h = make(wait_timeout_s=0.2)
+    lock = threading.Lock()
+    refused: list[str] = []
+
+    def second_request() -> None:
+        try:
+            with h.manager.exclusive(lock, spec("a")):
+                refused.append("")
+        except BusyError as error:
+            refused.append(str(error))
+
+    with h.manager.exclusive(lock, spec("a")):
+        Worker(second_request).start().join()
+    assert len(refused) == 1 and "stayed busy" in refused[0]
+    with h.manager.exclusive(lock, spec("a")):  # free again once released
+        assert lock.locked()
+    assert not lock.locked()
