@@ -412,16 +412,12 @@ def openai_router(
         images = services.images
         if body.model not in (None, "auto", images.model_path.stem, images.model_path.name):
             raise ApiError(404, f"unknown image model '{body.model}'; GET /v1/models lists them", "model_not_found")
-        missing = images.availability()
-        if missing:
-            raise ModelMissingError(missing)
         result = await run_in_threadpool(images.generate, image_request_of(body))
         data = []
         for item in result.images:
             entry: dict[str, Any] = {"revised_prompt": body.prompt, "seed": item.seed}
             if body.response_format == "url" and item.path is not None:
-                day_and_name = item.path.resolve().relative_to(outputs_dir.resolve()).as_posix()
-                entry["url"] = f"{request.base_url}outputs/{day_and_name}"
+                entry["url"] = f"{request.base_url}outputs/{outputs_name(item.path, outputs_dir)}"
             else:  # the saved file carries the parameters text; an in-memory image does not
                 data_bytes = item.path.read_bytes() if item.path is not None else png_bytes(item.image)
                 entry["b64_json"] = base64.b64encode(data_bytes).decode("ascii")
@@ -479,6 +475,11 @@ def route_auto(
     return assistant.decide(messages[-1]["content"], has_image=bool(images))
 
 
+def outputs_name(path: Path, outputs_dir: Path) -> str:
+    """A saved image's place under /outputs/: day/name."""
+    return path.resolve().relative_to(outputs_dir.resolve()).as_posix()
+
+
 def fixed_stream(text: str, model_name: str) -> TextStream:
     def pieces(stream: TextStream) -> Iterator[str]:
         stream.model_name = model_name
@@ -500,8 +501,7 @@ def drawing_stream(
         stream.finish_reason = "stop"
         for item in result.images:
             if item.path is not None:
-                day_and_name = item.path.resolve().relative_to(outputs_dir.resolve()).as_posix()
-                yield f"![{prompt.prompt}]({outputs_url}{day_and_name})\n\n"
+                yield f"![{prompt.prompt}]({outputs_url}{outputs_name(item.path, outputs_dir)})\n\n"
         yield f"Prompt used: {prompt.prompt} (seed {', '.join(str(i.seed) for i in result.images)})"
 
     return TextStream(pieces)
@@ -533,9 +533,7 @@ def start_text_stream(
             raise BadInputError("send one image per conversation; the vision model looks at one image at a time")
         if body.response_format and body.response_format.get("type") not in (None, "text"):
             raise BadInputError("response_format is supported for text chat only, not for questions about images")
-        missing = services.vision.availability()
-        if missing:
-            raise ModelMissingError(missing)
+        services.vision.require_installed()
         params = services.vision.defaults.override(**overrides)
         return services.vision.stream(images[0], messages, params, cancel=cancel)
     model = None if body.model in ("auto", "chat") else body.model

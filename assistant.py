@@ -75,14 +75,16 @@ class Assistant:
         *,
         cancel: threading.Event | None = None,
     ) -> TextStream:
-        vision = self._services.vision
-        missing = vision.availability()
-        if missing:
-            raise ModelMissingError(missing)
-        return vision.stream(image, [*history, {"role": "user", "content": decision.prompt}], cancel=cancel)
+        self._services.vision.require_installed()
+        return self._services.vision.stream(
+            image, [*history, {"role": "user", "content": decision.prompt}], cancel=cancel
+        )
 
     def image_prompt(self, decision: RouteDecision) -> ImagePrompt:
         """The prompt for the generator: the chat model's rewrite, or the wish itself."""
+        missing = self._services.images.availability()
+        if missing:  # say so before the chat model spends time on a prompt nobody can draw
+            raise ModelMissingError(missing)
         if not decision.prompt.strip():
             raise BadInputError("say what the picture should show")
         if self._settings.interpret_image_prompts:
@@ -96,9 +98,5 @@ class Assistant:
         progress: Callable[[int, int], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> GenerationResult:
-        images = self._services.images
-        missing = images.availability()
-        if missing:
-            raise ModelMissingError(missing)
         request = ImageRequest(prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None)
-        return images.generate(request, progress=progress, cancel=cancel)
+        return self._services.images.generate(request, progress=progress, cancel=cancel)

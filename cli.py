@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from errors import AppError, BadInputError, ModelMissingError
+from errors import AppError, BadInputError
 from generator import ImageRequest
 from services import Services
 from text_generation import TextStream
@@ -146,9 +146,7 @@ def run_chat(args: argparse.Namespace, services: Services, console: Console) -> 
 
 def run_describe(args: argparse.Namespace, services: Services, console: Console) -> int:
     vision = services.vision
-    missing = vision.availability()
-    if missing:
-        raise ModelMissingError(missing)
+    vision.require_installed()
     cancel = threading.Event()
     params = vision.defaults.override(**sampling_overrides(args))
     stream = vision.stream(args.image, [{"role": "user", "content": args.question}], params, cancel=cancel)
@@ -157,9 +155,6 @@ def run_describe(args: argparse.Namespace, services: Services, console: Console)
 
 def run_generate(args: argparse.Namespace, services: Services, console: Console) -> int:
     images = services.images
-    missing = images.availability()
-    if missing:
-        raise ModelMissingError(missing)
     request = ImageRequest(
         prompt=args.prompt,
         negative_prompt=args.negative,

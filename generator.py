@@ -114,6 +114,7 @@ class ImageService:
         self._config_dirs = dict(config_dirs or SHIPPED_CONFIGS)
         self._model_cache: tuple[tuple[Path, int, int], ImageModel] | None = None
         self._lora_cache: dict[Path, tuple[LoraFile, str]] = {}
+        self._hashes: dict[tuple[Path, int, int], str] = {}
         self._cache_lock = threading.Lock()
         manager.register_loader("image", Loader(load=load_image_pipeline, estimate_bytes=self._estimate_bytes))
 
@@ -248,7 +249,7 @@ class ImageService:
         spec = self.load_spec(model)
         with self._manager.acquire(spec) as loaded, self._manager.exclusive(loaded.lock, spec):
             self._prepare(loaded, plan, loras)
-            model_hash_text = self._model_hash(loaded, model)
+            model_hash_text = self._model_hash(model)
             lora_hashes = {lora.name: digest for lora, _, digest in loras}
             total = plan.steps * plan.num_images
             for index in range(plan.num_images):
@@ -320,11 +321,18 @@ class ImageService:
         loaded.adapters[lora.adapter] = lora.fingerprint
         log.info("loaded LoRA %s", lora.name)
 
-    @staticmethod
-    def _model_hash(loaded: LoadedImageModel, model: ImageModel) -> str:
-        if loaded.model_hash is None:
-            loaded.model_hash = model_hash(model.path)
-        return loaded.model_hash
+    def _model_hash(self, model: ImageModel) -> str:
+        """Hashing a checkpoint reads gigabytes: once per version of the file, not once per load
+        (under one_at_a_time a model reloads after every swap)."""
+        stat = model.path.stat()
+        key = (model.path, stat.st_size, stat.st_mtime_ns)
+        with self._cache_lock:
+            known = self._hashes.get(key)
+        if known is None:
+            known = model_hash(model.path)
+            with self._cache_lock:
+                self._hashes[key] = known
+        return known
 
     def _run(
         self,

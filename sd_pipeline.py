@@ -40,7 +40,6 @@ class LoadedImageModel:
     scheduler_name: str | None = None
     adapters: dict[str, tuple[int, int]] = field(default_factory=dict)  # adapter -> file fingerprint
     tiling: bool = False
-    model_hash: str | None = None  # computed on first use, once per loaded model
 
 
 def _pipeline_class(family: str) -> Any:

@@ -322,6 +322,13 @@ class VisionService:
         """None when the model folder looks installed; else what is missing, where, and the fix."""
         return describe_missing(self._model_path)
 
+    def require_installed(self) -> None:
+        """Fail now, naming the files and the fix, when the model is missing (front ends call this
+        before reading an image, so the fix for the model comes first)."""
+        missing = self.availability()
+        if missing:
+            raise ModelMissingError(missing)
+
     def load_spec(self) -> LoadSpec:
         return LoadSpec.of(
             "vision", self._model_path, precision=self._placement.precision, device=self._placement.device

@@ -171,8 +171,6 @@ def wire_image_tab(tab: ImageTab, images: ImageService, after: Callable[[Any], N
             found = read_png_parameters(path)
         except Exception as error:
             raise as_gradio_error(error) from None
-        if not found:
-            raise gr.Error("This PNG carries no generation settings.")
         names = ["prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed", "num_images", "scheduler"]
         return [found[name] if name in found else gr.skip() for name in names]
 
