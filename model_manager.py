@@ -1,14 +1,27 @@
 """The model manager: the only code that puts model weights in memory.
 
-Services register a loader per kind of model ("chat", "vision", ...). A caller
-borrows a model with ``with manager.acquire(spec) as model:``; the manager
-loads it on demand, counts references so a model in use is never evicted,
-evicts others first according to the policy, unloads idle models after the
-keep-alive, and measures every load and unload.
+Services register a loader per kind of model ("chat", "vision", ...). A request
+borrows a model with ``with manager.acquire(spec, cancel=...) as model:``; the
+manager loads it on demand, evicts others first according to the policy, unloads
+idle models after the keep-alive, and measures every load and unload.
 
-One condition variable guards all state. Loading and unloading happen outside
-it, one transition at a time, so a request for a model that is already
-resident is served while another model loads.
+How requests are served:
+- One request uses a model at a time (llama.cpp contexts, ``generate`` and diffusers
+  pipelines are not re-entrant); others wait in one first-come, first-served queue.
+  A request behind the queue's head is served early only when that takes nothing
+  the requests ahead of it wait for.
+- The queue is bounded (``max_queue``): a full queue is refused at once as busy.
+  Each request has one deadline (``wait_timeout_s``) for its whole wait.
+- A request whose cancel signal is set (Stop pressed, client gone) leaves the queue
+  at once and never triggers a load; after it gets its model it checks again.
+- Each device (``cpu``, ``cuda``) has its own memory budget: a model's device is part
+  of its load spec, so a chat model on the CPU never evicts a model on the GPU.
+- Memory estimates (file I/O) are made before taking the lock.
+- Loading and unloading happen outside the lock, one transition at a time; every path
+  out of the LOADING and UNLOADING states is in a ``finally``.
+- Auxiliary uses of a model (classifying a message, rewriting a prompt) go through
+  ``borrow_if_idle``: the model is lent only if it is resident and nobody waits,
+  so such a use never costs a swap.
 """
 
 from __future__ import annotations
@@ -21,19 +34,20 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from errors import AppError, BusyError, ModelLoadError, ModelTooLargeError, OutOfMemoryError
+from errors import AppError, BusyError, ModelLoadError, ModelTooLargeError, OutOfMemoryError, RequestCancelledError
 
 log = logging.getLogger(__name__)
 
 Policy = Literal["one_at_a_time", "vram_budget"]
 GIB = 1024**3
+CANCEL_POLL_S = 0.05  # how often a waiting request looks at its cancel signal
 
 
 # ----------------------------------------------------------------------------
@@ -47,11 +61,12 @@ class LoadSpec:
 
     kind: str
     path: str
+    device: str = "cpu"  # "cpu" or "cuda" (or "cuda:1"): whose memory budget the model counts against
     options: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
-    def of(cls, kind: str, path: str | Path, **options: Any) -> LoadSpec:
-        return cls(kind, str(path), tuple(sorted(options.items())))
+    def of(cls, kind: str, path: str | Path, *, device: str = "cpu", **options: Any) -> LoadSpec:
+        return cls(kind, str(path), device, tuple(sorted(options.items())))
 
     def option(self, name: str, default: Any = None) -> Any:
         return dict(self.options).get(name, default)
@@ -59,6 +74,11 @@ class LoadSpec:
     @property
     def label(self) -> str:
         return f"{self.kind}:{Path(self.path).name}"
+
+    @property
+    def budget_device(self) -> str:
+        """The budget this model counts against: "cuda:1" counts as "cuda"."""
+        return self.device.split(":", 1)[0]
 
 
 @dataclass
@@ -132,15 +152,31 @@ class CudaMemoryProbe:
         self._torch.cuda.empty_cache()
 
 
-def detect_memory_probe() -> MemoryProbe:
-    """The GPU probe when torch sees CUDA, else the CPU probe."""
+@dataclass(frozen=True)
+class DeviceBudget:
+    """One device's memory: how to measure it, and how much the models may use."""
+
+    probe: MemoryProbe
+    budget_bytes: int
+
+
+def total_ram_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def detect_devices(gpu_budget_bytes: int, cpu_budget_bytes: int | None = None) -> dict[str, DeviceBudget]:
+    """The CPU always; the GPU too when torch sees CUDA. ``cpu_budget_bytes`` None: 80 % of RAM."""
+    cpu = cpu_budget_bytes if cpu_budget_bytes is not None else int(0.8 * total_ram_bytes())
+    devices = {"cpu": DeviceBudget(CpuMemoryProbe(), cpu)}
     try:
         import torch
     except ImportError:
-        return CpuMemoryProbe()
+        return devices
     if torch.cuda.is_available():
-        return CudaMemoryProbe(torch)
-    return CpuMemoryProbe()
+        devices["cuda"] = DeviceBudget(CudaMemoryProbe(torch), gpu_budget_bytes)
+    return devices
 
 
 # ----------------------------------------------------------------------------
@@ -153,8 +189,7 @@ class ResidentInfo:
     key: Hashable
     size_bytes: int
     last_used: float
-    in_use: bool
-    held_by_caller: bool = False  # the requester itself holds it: waiting for it would never end
+    in_use: bool  # serving a request, or wanted by a request ahead in the queue
 
 
 @dataclass(frozen=True)
@@ -167,10 +202,10 @@ class EvictionPlan:
 def plan_eviction(
     needed_bytes: int, resident: Sequence[ResidentInfo], policy: Policy, budget_bytes: int
 ) -> EvictionPlan:
-    """Decide what must go before a model of ``needed_bytes`` can load.
+    """Decide what must go before a model of ``needed_bytes`` can load on one device.
 
-    Models in use are never evicted: the plan names those to wait for instead,
-    the fewest, least recently used first, and the caller's own only as a last resort.
+    ``resident`` holds the models on that device only. Models in use are never evicted:
+    the plan names those to wait for instead, the fewest, least recently used first.
     """
     if needed_bytes > budget_bytes:
         return EvictionPlan(
@@ -180,8 +215,7 @@ def plan_eviction(
         )
     least_recent_first = sorted(resident, key=lambda r: r.last_used)
     idle = [r for r in least_recent_first if not r.in_use]
-    busy = [r for r in least_recent_first if r.in_use and not r.held_by_caller]
-    busy += [r for r in least_recent_first if r.held_by_caller]
+    busy = [r for r in least_recent_first if r.in_use]
     if policy == "one_at_a_time":
         if busy:
             return EvictionPlan(wait_for=tuple(r.key for r in busy))
@@ -228,9 +262,10 @@ class TransitionRecord:
 class ResidentModel:
     label: str
     kind: str
-    path: str
+    name: str  # the file or folder name, never a full path: status goes to clients
+    device: str
     state: str
-    refs: int
+    in_use: bool
     size_bytes: int
     measured_bytes: int
     reported_bytes: int
@@ -239,13 +274,25 @@ class ResidentModel:
 
 
 @dataclass(frozen=True)
-class ManagerStatus:
-    device: str
-    policy: str
+class DeviceStatus:
+    name: str
     budget_bytes: int
+    resident_bytes: int
+
+
+@dataclass(frozen=True)
+class ManagerStatus:
+    device: str  # where the big models go: "cuda" when there is a GPU, else "cpu"
+    policy: str
+    devices: tuple[DeviceStatus, ...]
     resident: tuple[ResidentModel, ...]
     history: tuple[TransitionRecord, ...]
     load_counts: dict[str, int]
+    waiting: int  # requests in the queue
+
+    @property
+    def budget_bytes(self) -> int:
+        return next(d.budget_bytes for d in self.devices if d.name == self.device)
 
 
 @dataclass(eq=False)
@@ -256,12 +303,33 @@ class _Entry:
     last_used: float
     model: Any = None
     close: Callable[[], None] | None = None
-    refs: int = 0
-    drain_waiters: int = 0  # loads waiting for this model to go idle; new users wait too
+    in_use: bool = False
     measured_bytes: int = 0
     reported_bytes: int = 0
     load_seconds: float = 0.0
-    memory_before_load: int = 0
+
+
+@dataclass(eq=False)
+class _Transition:
+    """The one load (after unloading ``victims``) that a request was granted to perform."""
+
+    loading: _Entry
+    victims: list[_Entry]
+
+
+@dataclass(eq=False)
+class _Ticket:
+    """A request waiting in the queue, and what the scheduler decided for it."""
+
+    spec: LoadSpec
+    cancel: threading.Event | None
+    needed: int | None  # the memory estimate; None until someone had to make it
+    needs_estimate: bool = False  # the scheduler asks the owner to make it (outside the lock)
+    outcome: _Entry | _Transition | BaseException | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
 
 
 # ----------------------------------------------------------------------------
@@ -274,26 +342,26 @@ class ModelManager:
         self,
         *,
         policy: Policy = "one_at_a_time",
-        budget_bytes: int = 24 * GIB,
+        devices: Mapping[str, DeviceBudget] | None = None,
         keep_alive_s: float = 300.0,
         wait_timeout_s: float = 600.0,
-        probe: MemoryProbe | None = None,
+        max_queue: int = 32,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy: Policy = policy
-        self.budget_bytes = budget_bytes
         self.keep_alive_s = keep_alive_s
         self.wait_timeout_s = wait_timeout_s
-        self._probe = probe or CpuMemoryProbe()
+        self.max_queue = max_queue
+        self._devices = dict(devices) if devices else {"cpu": DeviceBudget(CpuMemoryProbe(), total_ram_bytes())}
         self._clock = clock
         self._loaders: dict[str, Loader] = {}
         self._entries: dict[LoadSpec, _Entry] = {}
+        self._queue: deque[_Ticket] = deque()
         self._cond = threading.Condition()
         self._transition_in_progress = False
-        # What the current request holds, to refuse an acquire that would wait on itself. A
-        # context variable, not a thread-local: web servers resume one streaming request on
-        # different pool threads, and each request runs in its own copied context.
-        self._held: ContextVar[dict[LoadSpec, int] | None] = ContextVar(f"models-held-{id(self)}", default=None)
+        # The model the current request holds, to refuse a nested acquire: with one user per
+        # model and one model per request, a nested acquire could only wait for itself.
+        self._held: ContextVar[LoadSpec | None] = ContextVar(f"model-held-{id(self)}", default=None)
         self._history: deque[TransitionRecord] = deque(maxlen=100)
         self._load_counts: dict[str, int] = {}
         self._reaper_stop = threading.Event()
@@ -301,7 +369,11 @@ class ModelManager:
 
     @property
     def device(self) -> str:
-        return self._probe.device
+        """Where the big models go: the GPU when there is one, else the CPU."""
+        return next((name for name in self._devices if name != "cpu"), "cpu")
+
+    def has_device(self, name: str) -> bool:
+        return name in self._devices
 
     def register_loader(self, kind: str, loader: Loader) -> None:
         with self._cond:
@@ -310,141 +382,247 @@ class ModelManager:
     # -- borrowing ---------------------------------------------------------
 
     @contextlib.contextmanager
-    def exclusive(self, lock: threading.Lock, spec: LoadSpec) -> Iterator[None]:
-        """Hold a loaded model's own lock (one generation at a time), waiting at most wait_timeout_s."""
-        if not lock.acquire(timeout=self.wait_timeout_s):
-            raise BusyError(
-                f"{spec.label} stayed busy with other requests for {self.wait_timeout_s:.0f} s; try again shortly"
+    def acquire(self, spec: LoadSpec, *, cancel: threading.Event | None = None) -> Iterator[Any]:
+        """Borrow the model for ``spec``, loading it (and evicting others) if needed.
+
+        Raises RequestCancelledError as soon as ``cancel`` is set while waiting (nothing
+        loads for a cancelled request), BusyError when the queue is full or the wait
+        passes ``wait_timeout_s``, ModelTooLargeError when it can never fit.
+        """
+        self._refuse_nested(spec)
+        entry = self._check_out(spec, cancel)
+        with self._holding(entry):
+            yield entry.model
+
+    @contextlib.contextmanager
+    def borrow_if_idle(self, spec: LoadSpec) -> Iterator[Any | None]:
+        """The model for ``spec`` if it is loaded, idle and nobody waits for any model; else None.
+
+        Atomic: it never loads, never waits and never delays a queued request, so an
+        auxiliary use of a model costs no swap.
+        """
+        with self._cond:
+            entry = self._entries.get(spec)
+            lendable = (
+                entry is not None
+                and entry.state is ModelState.READY
+                and not entry.in_use
+                and not self._queue
+                and self._held.get() is None
             )
+            if lendable:
+                assert entry is not None
+                entry.in_use = True
+                entry.last_used = self._clock()
+        if not lendable:
+            yield None
+            return
+        with self._holding(entry):
+            yield entry.model
+
+    @contextlib.contextmanager
+    def _holding(self, entry: _Entry) -> Iterator[None]:
+        self._held.set(entry.spec)
         try:
             yield
         finally:
-            lock.release()
-
-    @contextlib.contextmanager
-    def acquire(self, spec: LoadSpec) -> Iterator[Any]:
-        """Borrow the model for ``spec``, loading it (and evicting others) if needed."""
-        entry = self._check_out(spec)
-        held = self._held.get()
-        if held is None:
-            held = {}
-            self._held.set(held)
-        held[spec] = held.get(spec, 0) + 1
-        try:
-            yield entry.model
-        finally:
-            held[spec] -= 1
-            if not held[spec]:
-                del held[spec]
+            # Not reset(token): a generator may finish in another context than it started in.
+            self._held.set(None)
             self._check_in(entry)
 
-    def _held_now(self) -> dict[LoadSpec, int]:
-        return self._held.get() or {}
+    def _refuse_nested(self, spec: LoadSpec) -> None:
+        held = self._held.get()
+        if held is not None:
+            raise AppError(
+                f"{spec.label} was asked for while this request still holds {held.label}; "
+                "a request uses one model at a time: finish with the first before asking for the next"
+            )
 
-    def _check_out(self, spec: LoadSpec) -> _Entry:
+    def _check_out(self, spec: LoadSpec, cancel: threading.Event | None) -> _Entry:
         if spec.kind not in self._loaders:
             raise AppError(f"no loader is registered for models of kind '{spec.kind}'")
+        if spec.budget_device not in self._devices:
+            raise AppError(
+                f"{spec.label} is meant for the device '{spec.device}', which this machine does not have; "
+                f"available: {', '.join(self._devices)}"
+            )
+        self._raise_if_cancelled(spec, cancel)
         deadline = time.monotonic() + self.wait_timeout_s
-        draining: list[_Entry] = []
+        resident = spec in self._entries  # a hint only (read without the lock): skip the estimate
+        ticket = _Ticket(spec, cancel, None if resident else self._estimate(spec))
         with self._cond:
+            if len(self._queue) >= self.max_queue:
+                raise BusyError(
+                    f"{len(self._queue)} requests are already waiting for a model (manager.max_queue); "
+                    "try again shortly"
+                )
+            self._queue.append(ticket)
+            self._schedule()
             try:
-                while True:
-                    entry = self._entries.get(spec)
-                    if entry is not None and entry.state is ModelState.READY:
-                        # A model others wait to see idle takes no new users, except from a
-                        # thread that already holds a model: making it wait could deadlock.
-                        if entry.drain_waiters == 0 or self._held_now():
-                            entry.refs += 1
-                            entry.last_used = self._clock()
-                            return entry
-                    elif entry is None and not self._transition_in_progress:
-                        needed, plan = self._plan_for(spec)
-                        self._drain(draining, [self._entries[key] for key in plan.wait_for])
-                        if not plan.wait_for:
-                            victims = [self._entries[key] for key in plan.evict]
-                            loading = self._begin_transition(spec, needed, victims)
-                            break
-                        self._refuse_self_deadlock(spec, plan.wait_for)
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise BusyError(
-                            f"{spec.label} could not be loaded within {self.wait_timeout_s:.0f} s: "
-                            "other models stayed in use. Try again shortly."
-                        )
-                    self._cond.wait(remaining)
-            finally:
-                self._drain(draining, [])
-        return self._finish_transition(loading, victims)
+                self._wait_for_outcome(ticket, deadline)
+            except BaseException:
+                self._withdraw(ticket)
+                raise
+        outcome = ticket.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        entry = self._perform(outcome, cancel) if isinstance(outcome, _Transition) else outcome
+        assert isinstance(entry, _Entry)
+        if cancel is not None and cancel.is_set():  # cancelled while it loaded: it stays, for others
+            self._check_in(entry)
+            self._raise_if_cancelled(spec, cancel)
+        return entry
 
-    def _drain(self, draining: list[_Entry], blockers: list[_Entry]) -> None:
-        """Under the lock: make ``blockers`` the models this request waits to see idle."""
-        if draining == blockers:
-            return
-        for entry in draining:
-            entry.drain_waiters -= 1
-        for entry in blockers:
-            entry.drain_waiters += 1
-        draining[:] = blockers
+    def _wait_for_outcome(self, ticket: _Ticket, deadline: float) -> None:
+        """Under the lock: sleep until the scheduler decides for ``ticket``."""
+        while ticket.outcome is None:
+            self._raise_if_cancelled(ticket.spec, ticket.cancel)
+            if ticket.needs_estimate:
+                ticket.needs_estimate = False
+                self._cond.release()
+                try:
+                    needed = self._estimate(ticket.spec)
+                finally:
+                    self._cond.acquire()
+                ticket.needed = needed
+                self._schedule()
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BusyError(
+                    f"{ticket.spec.label} was not free within {self.wait_timeout_s:.0f} s "
+                    "(manager.wait_timeout_s): other requests kept the models busy. Try again shortly."
+                )
+            self._cond.wait(min(remaining, CANCEL_POLL_S) if ticket.cancel is not None else remaining)
+
+    def _withdraw(self, ticket: _Ticket) -> None:
+        """Under the lock: take a ticket that gives up out of the queue, undoing a grant it got."""
+        if ticket in self._queue:
+            self._queue.remove(ticket)
+        outcome, ticket.outcome = ticket.outcome, None
+        if isinstance(outcome, _Entry):
+            outcome.in_use = False
+        elif isinstance(outcome, _Transition):
+            self._abandon(outcome)
+        self._schedule()
         self._cond.notify_all()
 
-    def _plan_for(self, spec: LoadSpec) -> tuple[int, EvictionPlan]:
-        needed = self._loaders[spec.kind].estimate_bytes(spec)
-        resident = [
-            ResidentInfo(e.spec, e.size_bytes, e.last_used, e.refs > 0, e.spec in self._held_now())
-            for e in self._entries.values()
-            if e.state is ModelState.READY
-        ]
-        plan = plan_eviction(needed, resident, self.policy, self.budget_bytes)
-        if plan.refuse_reason:
-            raise ModelTooLargeError(
-                f"{spec.label} cannot be loaded: it {plan.refuse_reason}. "
-                "Choose a smaller quantisation or raise manager.gpu_memory_budget_gb.",
-                needed_bytes=needed,
-                budget_bytes=self.budget_bytes,
-            )
-        return needed, plan
+    def _abandon(self, transition: _Transition) -> None:
+        """Under the lock: give back a transition that never started."""
+        for victim in transition.victims:
+            victim.state = ModelState.READY
+        self._entries.pop(transition.loading.spec, None)
+        self._transition_in_progress = False
 
-    def _refuse_self_deadlock(self, spec: LoadSpec, blockers: Sequence[Hashable]) -> None:
-        mine = [key for key in blockers if key in self._held_now()]
-        if mine:
-            raise BusyError(
-                f"{spec.label} cannot load while this request still holds "
-                f"{', '.join(k.label for k in mine)}; release it first"  # type: ignore[attr-defined]
-            )
+    @staticmethod
+    def _raise_if_cancelled(spec: LoadSpec, cancel: threading.Event | None) -> None:
+        if cancel is not None and cancel.is_set():
+            raise RequestCancelledError(f"the request for {spec.label} was cancelled")
 
-    def _begin_transition(self, spec: LoadSpec, needed: int, victims: list[_Entry]) -> _Entry:
+    def _estimate(self, spec: LoadSpec) -> int:
+        return self._loaders[spec.kind].estimate_bytes(spec)
+
+    # -- the scheduler -----------------------------------------------------
+
+    def _schedule(self) -> None:
+        """Under the lock: grant what can be granted, in queue order, without delaying anyone ahead.
+
+        A request gets its resident model when it is idle and no request ahead wants it; the
+        first request that needs a load on a device plans it; the models it must wait for and
+        the budget it waits on are reserved from everyone behind it.
+        """
+        reserved: set[LoadSpec] = set()  # models requests ahead want or wait to see idle
+        blocked_devices: set[str] = set()  # a request ahead waits for memory there
+        changed = False
+        for ticket in list(self._queue):
+            if ticket.cancelled:
+                continue  # its owner takes it out
+            spec = ticket.spec
+            entry = self._entries.get(spec)
+            if entry is not None:
+                if entry.state is ModelState.READY and not entry.in_use and spec not in reserved:
+                    self._queue.remove(ticket)
+                    entry.in_use = True
+                    entry.last_used = self._clock()
+                    ticket.outcome = entry
+                    changed = True
+                reserved.add(spec)
+                continue
+            device = spec.budget_device
+            if self._transition_in_progress or device in blocked_devices or ticket.needed is None:
+                if ticket.needed is None and not ticket.needs_estimate:
+                    ticket.needs_estimate = changed = True
+                blocked_devices.add(device)
+                continue
+            budget = self._devices[device].budget_bytes
+            resident = [
+                ResidentInfo(e.spec, e.size_bytes, e.last_used, e.in_use or e.spec in reserved)
+                for e in self._entries.values()
+                if e.spec.budget_device == device
+            ]
+            plan = plan_eviction(ticket.needed, resident, self.policy, budget)
+            if plan.refuse_reason:
+                self._queue.remove(ticket)
+                ticket.outcome = ModelTooLargeError(
+                    f"{spec.label} cannot be loaded on {device}: it {plan.refuse_reason}. Choose a smaller "
+                    f"model or quantisation, or raise manager.{'cpu' if device == 'cpu' else 'gpu'}_memory_budget_gb",
+                    needed_bytes=ticket.needed,
+                    budget_bytes=budget,
+                )
+                changed = True
+                continue
+            blocked_devices.add(device)
+            if plan.wait_for:
+                reserved.update(plan.wait_for)  # type: ignore[arg-type]
+                continue
+            self._queue.remove(ticket)
+            ticket.outcome = self._begin_transition(spec, ticket.needed, [self._entries[k] for k in plan.evict])  # type: ignore[index]
+            changed = True
+        if changed:
+            self._cond.notify_all()
+
+    def _begin_transition(self, spec: LoadSpec, needed: int, victims: list[_Entry]) -> _Transition:
         """Under the lock: claim the one transition slot and mark what changes."""
         self._transition_in_progress = True
         for victim in victims:
             victim.state = ModelState.UNLOADING
-        loading = _Entry(spec=spec, state=ModelState.LOADING, size_bytes=needed, last_used=self._clock())
+        loading = _Entry(spec, ModelState.LOADING, needed, self._clock(), in_use=True)
         self._entries[spec] = loading
-        return loading
+        return _Transition(loading, victims)
 
-    def _finish_transition(self, loading: _Entry, victims: list[_Entry]) -> _Entry:
-        """Outside the lock: unload the victims, then load the new model."""
+    def _perform(self, transition: _Transition, cancel: threading.Event | None) -> _Entry:
+        """Outside the lock: unload the victims, then load the new model (unless cancelled first)."""
+        loading = transition.loading
+        if cancel is not None and cancel.is_set():
+            with self._cond:
+                self._abandon(transition)
+                self._schedule()
+                self._cond.notify_all()
+            self._raise_if_cancelled(loading.spec, cancel)
         try:
-            for victim in victims:
+            for victim in transition.victims:
                 self._unload(victim)
             self._load(loading)
         except BaseException:
             with self._cond:
                 self._entries.pop(loading.spec, None)
                 self._transition_in_progress = False
+                self._schedule()
                 self._cond.notify_all()
             raise
         with self._cond:
             loading.state = ModelState.READY
-            loading.refs = 1
             loading.last_used = self._clock()
             self._transition_in_progress = False
+            self._schedule()
             self._cond.notify_all()
         return loading
 
     def _check_in(self, entry: _Entry) -> None:
         with self._cond:
-            entry.refs -= 1
+            entry.in_use = False
             entry.last_used = self._clock()
+            self._schedule()
             self._cond.notify_all()
         if self.keep_alive_s == 0:
             self.unload_idle()
@@ -453,26 +631,26 @@ class ModelManager:
 
     def _load(self, entry: _Entry) -> None:
         spec = entry.spec
-        before = self._probe.used_bytes()
+        probe = self._devices[spec.budget_device].probe
+        before = probe.used_bytes()
         started = time.perf_counter()
         try:
             loaded = self._loaders[spec.kind].load(spec)
         except AppError:
-            self._collect()
+            self._collect(probe)
             raise
         except Exception as error:
-            self._collect()
+            self._collect(probe)
             if _is_out_of_memory(error):
                 raise OutOfMemoryError(
-                    f"{spec.label} ran out of {self.device} memory while loading; "
+                    f"{spec.label} ran out of {spec.device} memory while loading; "
                     "unload other models, pick a smaller quantisation or lower the GPU layers"
                 ) from error
-            raise ModelLoadError(f"{spec.label} failed to load from {spec.path}: {error}") from error
+            raise ModelLoadError(f"{spec.label} failed to load: {error}") from error
         seconds = time.perf_counter() - started
-        measured = max(0, self._probe.used_bytes() - before)
+        measured = max(0, probe.used_bytes() - before)
         entry.model = loaded.model
         entry.close = loaded.close
-        entry.memory_before_load = before
         entry.measured_bytes = measured
         entry.reported_bytes = loaded.reported_bytes
         entry.size_bytes = max(measured, loaded.reported_bytes)
@@ -484,15 +662,18 @@ class ModelManager:
             "loaded %s in %.2f s on %s: %.0f MiB measured, %.0f MiB reported",
             spec.label,
             seconds,
-            self.device,
+            spec.device,
             measured / 2**20,
             loaded.reported_bytes / 2**20,
         )
 
     def _unload(self, entry: _Entry) -> None:
-        """Drop every reference the manager holds, release caches, check memory came back."""
+        """Drop every reference the manager holds and check the memory came back. Never raises
+        an ordinary exception: a model that fails to close is dropped anyway, and logged."""
         try:
             self._release_memory(entry)
+        except Exception:
+            log.exception("unloading %s failed; it is dropped anyway", entry.spec.label)
         finally:
             with self._cond:
                 self._entries.pop(entry.spec, None)
@@ -500,18 +681,17 @@ class ModelManager:
 
     def _release_memory(self, entry: _Entry) -> None:
         spec = entry.spec
-        before = self._probe.used_bytes()
+        probe = self._devices[spec.budget_device].probe
+        before = _measure(probe)
         started = time.perf_counter()
         tracker = _weak_reference(entry.model)
+        close, entry.close, entry.model = entry.close, None, None
         try:
-            if entry.close is not None:
-                entry.close()
-        except Exception:
-            log.exception("closing %s raised; dropping it anyway", spec.label)
-        entry.model = None
-        entry.close = None
-        self._collect()
-        freed = self._wait_for_memory_back(before, entry.measured_bytes)
+            if close is not None:
+                close()
+        finally:
+            self._collect(probe)
+        freed = self._wait_for_memory_back(probe, before, entry.measured_bytes)
         seconds = time.perf_counter() - started
         if tracker is not None and tracker() is not None:
             log.warning("%s is still referenced after unloading: its memory may not be freed", spec.label)
@@ -525,20 +705,27 @@ class ModelManager:
         self._record("unload", spec.label, seconds, freed)
         log.info("unloaded %s in %.2f s, %.0f MiB freed", spec.label, seconds, freed / 2**20)
 
-    def _wait_for_memory_back(self, before: int, expected: int) -> int:
+    @staticmethod
+    def _wait_for_memory_back(probe: MemoryProbe, before: int | None, expected: int) -> int:
         """On a GPU the driver frees memory asynchronously: poll briefly before the next load."""
-        freed = before - self._probe.used_bytes()
-        if self.device != "cuda":
+        if before is None:
+            return 0
+        freed = before - (_measure(probe) or before)
+        if probe.device != "cuda":
             return max(0, freed)
         deadline = time.monotonic() + 2.0
         while freed < 0.9 * expected and time.monotonic() < deadline:
             time.sleep(0.05)
-            freed = before - self._probe.used_bytes()
+            freed = before - (_measure(probe) or before)
         return max(0, freed)
 
-    def _collect(self) -> None:
+    @staticmethod
+    def _collect(probe: MemoryProbe) -> None:
         gc.collect()
-        self._probe.release_cache()
+        try:
+            probe.release_cache()
+        except Exception:
+            log.exception("releasing the %s memory cache failed", probe.device)
 
     def _record(self, action: Literal["load", "unload"], label: str, seconds: float, size: int) -> None:
         with self._cond:
@@ -556,21 +743,27 @@ class ModelManager:
         """Unload every idle model now (models in use stay). Returns their labels."""
         return self._unload_idle_for(0.0, wait_for_transition=True)
 
-    def _unload_idle_for(self, min_idle_s: float, *, wait_for_transition: bool) -> list[str]:
+    def unload(self, label: str) -> bool:
+        """Unload one idle model by its label (a status panel's button); False if it is busy or absent."""
+        return bool(self._unload_idle_for(0.0, wait_for_transition=True, only=label))
+
+    def _idle_entries(self, min_idle_s: float) -> list[_Entry]:
+        """Under the lock: ready models nobody uses or waits for, idle for at least ``min_idle_s``."""
+        wanted = {ticket.spec for ticket in self._queue}
+        now = self._clock()
+        return [
+            e
+            for e in self._entries.values()
+            if e.state is ModelState.READY and not e.in_use and e.spec not in wanted and now - e.last_used >= min_idle_s
+        ]
+
+    def _unload_idle_for(self, min_idle_s: float, *, wait_for_transition: bool, only: str | None = None) -> list[str]:
         with self._cond:
             if wait_for_transition:
                 self._cond.wait_for(lambda: not self._transition_in_progress, timeout=self.wait_timeout_s)
             if self._transition_in_progress:
                 return []
-            now = self._clock()
-            victims = [
-                e
-                for e in self._entries.values()
-                if e.state is ModelState.READY
-                and e.refs == 0
-                and e.drain_waiters == 0
-                and now - e.last_used >= min_idle_s
-            ]
+            victims = [e for e in self._idle_entries(min_idle_s) if only is None or e.spec.label == only]
             if not victims:
                 return []
             self._transition_in_progress = True
@@ -582,6 +775,7 @@ class ModelManager:
         finally:
             with self._cond:
                 self._transition_in_progress = False
+                self._schedule()
                 self._cond.notify_all()
         return [v.spec.label for v in victims]
 
@@ -615,25 +809,44 @@ class ModelManager:
                 ResidentModel(
                     label=e.spec.label,
                     kind=e.spec.kind,
-                    path=e.spec.path,
+                    name=Path(e.spec.path).name,
+                    device=e.spec.device,
                     state=e.state.value,
-                    refs=e.refs,
+                    in_use=e.in_use,
                     size_bytes=e.size_bytes,
                     measured_bytes=e.measured_bytes,
                     reported_bytes=e.reported_bytes,
                     load_seconds=e.load_seconds,
-                    idle_seconds=0.0 if e.refs else max(0.0, now - e.last_used),
+                    idle_seconds=0.0 if e.in_use else max(0.0, now - e.last_used),
                 )
                 for e in self._entries.values()
+            )
+            devices = tuple(
+                DeviceStatus(
+                    name,
+                    device.budget_bytes,
+                    sum(e.size_bytes for e in self._entries.values() if e.spec.budget_device == name),
+                )
+                for name, device in self._devices.items()
             )
             return ManagerStatus(
                 device=self.device,
                 policy=self.policy,
-                budget_bytes=self.budget_bytes,
+                devices=devices,
                 resident=resident,
                 history=tuple(self._history),
                 load_counts=dict(self._load_counts),
+                waiting=len(self._queue),
             )
+
+
+def _measure(probe: MemoryProbe) -> int | None:
+    """The probe's reading, or None when the probe itself fails (a measurement is never worth a stuck model)."""
+    try:
+        return probe.used_bytes()
+    except Exception:
+        log.exception("measuring %s memory failed", probe.device)
+        return None
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

@@ -44,8 +44,17 @@ class ServerSettings(_Strict):
 class ManagerSettings(_Strict):
     policy: Literal["one_at_a_time", "vram_budget"] = "one_at_a_time"
     gpu_memory_budget_gb: float = Field(24.0, gt=0)
+    cpu_memory_budget_gb: float | Literal["auto"] = "auto"
     keep_alive_s: float = 300.0
     wait_timeout_s: float = Field(600.0, gt=0)
+    max_queue: int = Field(32, ge=1)
+
+    @field_validator("cpu_memory_budget_gb")
+    @classmethod
+    def _cpu_budget_positive(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and value <= 0:
+            raise ValueError("must be 'auto' or a number of GB above 0")
+        return value
 
 
 class GenerationDefaults(_Strict):

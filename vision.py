@@ -14,16 +14,24 @@ import logging
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chat import fit_to_context
-from errors import BadInputError, ModelLoadError, ModelMissingError, OutOfMemoryError, TooLargeError
-from images import ImageSource, load_image
+from errors import (
+    BadInputError,
+    ModelLoadError,
+    ModelMissingError,
+    OutOfMemoryError,
+    RequestCancelledError,
+    TooLargeError,
+)
+from media.images import ImageSource, load_image
 from model_manager import CatalogEntry, LoadedModel, Loader, LoadSpec, ModelManager
 from settings import VisionSettings
-from text_generation import GenerationParams, Message, TextStream
+from text_generation.context import fit_to_context
+from text_generation.conversation import SYSTEM_ROLES, accepts_system_role, normalise
+from text_generation.stream import GenerationParams, Message, TextStream
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +172,6 @@ def estimate_model_bytes(spec: LoadSpec) -> int:
 class LoadedVisionModel:
     model: Any  # transformers LlavaForConditionalGeneration
     processor: Any  # transformers LlavaProcessor
-    # One model instance must not run two generate calls at once.
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def context_size(self) -> int:
@@ -176,19 +182,34 @@ class LoadedVisionModel:
         return int(self.model.config.image_token_index)
 
     def prompt(self, system: Message | None, turns: Sequence[Message]) -> str:
-        """The conversation through the chat template, the image on the first user turn."""
-        conversation = [{"role": "system", "content": [{"type": "text", "text": system["content"]}]}] if system else []
-        image_placed = False
-        for turn in turns:
-            parts: list[dict[str, str]] = [{"type": "text", "text": turn["content"]}]
-            if turn["role"] == "user" and not image_placed:
-                parts.insert(0, {"type": "image"})
-                image_placed = True
-            conversation.append({"role": turn["role"], "content": parts})
+        """The conversation through the chat template, normalised first (see text_generation.conversation),
+        the image on the first user turn."""
+        from jinja2 import TemplateError
+
         template = None if self.processor.chat_template else FALLBACK_TEMPLATE
-        return self.processor.apply_chat_template(
-            conversation, chat_template=template, add_generation_prompt=True, tokenize=False
-        )
+
+        def render(messages: Sequence[Message]) -> str:
+            conversation = []
+            image_placed = False
+            for message in messages:
+                parts: list[dict[str, str]] = [{"type": "text", "text": message["content"]}]
+                if message["role"] == "user" and not image_placed:
+                    parts.insert(0, {"type": "image"})
+                    image_placed = True
+                conversation.append({"role": message["role"], "content": parts})
+            return self.processor.apply_chat_template(
+                conversation, chat_template=template, add_generation_prompt=True, tokenize=False
+            )
+
+        system_text = system["content"] if system else None
+        messages = normalise(system_text, turns, system_role=accepts_system_role(render))
+        try:
+            return render(messages)
+        except (TemplateError, ValueError, TypeError) as error:
+            raise BadInputError(
+                f"the vision model's chat template refuses this conversation ({error}); send alternating user "
+                "and assistant messages ending with a user message"
+            ) from None
 
     def inputs(self, image: Any, system: Message | None, turns: Sequence[Message]) -> Any:
         """Token ids, attention mask and pixel values (a BatchFeature) on the model's device."""
@@ -203,7 +224,7 @@ def load_vision_model(spec: LoadSpec) -> LoadedModel:
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    precision, device = spec.option("precision", "fp32"), spec.option("device", "cpu")
+    precision, device = spec.option("precision", "fp32"), spec.device
     try:
         processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
         model = LlavaForConditionalGeneration.from_pretrained(
@@ -361,10 +382,13 @@ class VisionService:
             stream.model_name = self.model_name
             stream.seed = seed
             spec = self.load_spec()
-            with self._manager.acquire(spec) as model, self._manager.exclusive(model.lock, spec):
-                inputs, max_new_tokens = self._fit(model, picture, system, turns, params, stream)
-                arguments = generation_arguments(params, max_new_tokens)
-                yield from self._generate(model, inputs, arguments, params.stop, seed, cancel, stream)
+            try:
+                with self._manager.acquire(spec, cancel=cancel) as model:
+                    inputs, max_new_tokens = self._fit(model, picture, system, turns, params, stream)
+                    arguments = generation_arguments(params, max_new_tokens)
+                    yield from self._generate(model, inputs, arguments, params.stop, seed, cancel, stream)
+            except RequestCancelledError:  # stopped while waiting for the model: nothing was generated
+                stream.finish_reason = "cancelled"
 
         return TextStream(pieces)
 
@@ -372,14 +396,15 @@ class VisionService:
         return self.stream(image, messages, params).text()
 
     def _check_messages(self, messages: Sequence[Message]) -> tuple[Message | None, list[Message]]:
+        known = (*ROLES, *SYSTEM_ROLES)
         bad = next(
-            (n for n, m in enumerate(messages) if m.get("role") not in ROLES or not isinstance(m.get("content"), str)),
+            (n for n, m in enumerate(messages) if m.get("role") not in known or not isinstance(m.get("content"), str)),
             None,
         )
         if bad is not None:
             raise BadInputError(f"message {bad + 1} needs a role of system, user or assistant and text content")
-        systems = [m for m in messages if m["role"] == "system"]
-        turns = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
+        systems = [m["content"] for m in messages if m["role"] in SYSTEM_ROLES]
+        turns = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] not in SYSTEM_ROLES]
         if not turns:
             turns = [{"role": "user", "content": ""}]
         if turns[-1]["role"] != "user":
@@ -392,8 +417,10 @@ class VisionService:
                 f"the question is {len(question):,} characters; the limit for a question about an image "
                 f"is {MAX_QUESTION_CHARS:,}. Shorten it."
             )
-        system = {"role": "system", "content": systems[-1]["content"]} if systems else None
-        return system, turns
+        system_text = "\n\n".join(text for text in systems if text.strip())
+        system = {"role": "system", "content": system_text} if system_text else None
+        # empty turns (an image-only one), two of one role in a row, a leading assistant turn: tidied here
+        return system, normalise(None, turns, system_role=True)
 
     def _fit(
         self,
@@ -447,7 +474,7 @@ class VisionService:
                 # OpenMP keeps its thread count per thread: without this a worker thread ignores
                 # torch.set_num_threads, and oneDNN convolutions slow down a hundredfold under load.
                 torch.set_num_threads(torch.get_num_threads())
-                torch.manual_seed(seed)  # under the model's lock: no other generate on it meanwhile
+                torch.manual_seed(seed)  # the manager lends a model to one request at a time
                 run.sequences = model.model.generate(
                     **inputs, **arguments, streamer=streamer, stopping_criteria=criteria
                 )

@@ -28,10 +28,10 @@ import time
 import httpx
 import uvicorn
 
-from api import create_app
+from api.app import create_app
 from main import build_services
 from settings import ServerSettings, load_settings
-from text_generation import GenerationParams
+from text_generation.stream import GenerationParams
 
 PROMPT = [{"role": "user", "content": "Explain how a lighthouse works."}]
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 
 from chat import ChatService, find_embedded_model, physical_cores
-from text_generation import GenerationParams
+from text_generation.stream import GenerationParams
 from model_manager import ModelManager, detect_memory_probe
 from settings import ChatSettings
 

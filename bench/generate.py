@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 
 from generator import ImageRequest, ImageService
-from image_request import SCHEDULERS
+from stable_diffusion.request import SCHEDULERS
 from model_manager import ModelManager, detect_memory_probe
-from sd_models import ImageModel
-from sd_pipeline import make_scheduler
+from stable_diffusion.models import ImageModel
+from stable_diffusion.pipeline import make_scheduler
 from settings import ImageDefaults, ImageSettings
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"

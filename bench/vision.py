@@ -37,7 +37,7 @@ from PIL import Image
 from chat import physical_cores
 from model_manager import ModelManager, detect_memory_probe
 from settings import VisionSettings
-from text_generation import GenerationParams
+from text_generation.stream import GenerationParams
 from vision import VisionService, precision_arguments
 
 QUESTIONS = [

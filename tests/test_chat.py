@@ -12,14 +12,14 @@ from chat import (
     EMBEDDED_NAME,
     ChatService,
     check_gguf_file,
-    fit_to_context,
     gpu_offload_supported,
     physical_cores,
 )
 from errors import BadInputError, ModelLoadError, ModelMissingError
 from model_manager import CpuMemoryProbe, ModelManager
 from settings import ChatSettings
-from text_generation import GenerationParams, Message
+from text_generation.context import fit_to_context
+from text_generation.stream import GenerationParams, Message
 
 GREEDY = GenerationParams(temperature=0.0, top_p=1.0, max_tokens=24, seed=1)
 

@@ -26,13 +26,13 @@ import generator
 from chat import ChatService
 from errors import BadInputError, ModelLoadError, ModelMissingError
 from generator import ImageRequest, ImageService
-from image_metadata import parse_parameters, read_png_parameters, request_from_parameters
-from lora import parse_prompt_loras
 from model_manager import CpuMemoryProbe, ModelManager
-from sd_models import detect_family
-from sd_pipeline import LoadedImageModel
 from settings import ChatSettings, ImageDefaults, ImageSettings
-from text_generation import GenerationParams
+from stable_diffusion.lora import parse_prompt_loras
+from stable_diffusion.metadata import parse_parameters, read_png_parameters, request_from_parameters
+from stable_diffusion.models import detect_family
+from stable_diffusion.pipeline import LoadedImageModel
+from text_generation.stream import GenerationParams
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photo of a cat"

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from errors import BadInputError, TooLargeError
-from images import load_image
+from media.images import load_image
 
 LIMITS = {"max_pixels": 4_000_000, "refuse_pixels": 100_000_000}
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)

@@ -8,15 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from chat import ChatService
-from errors import BadInputError
-from model_manager import CpuMemoryProbe, ModelManager
-from router import (
+from assistant.routing import (
     FALLBACK_NEGATIVE_PROMPT,
     HINT_ATTACH,
     HINT_FORCE_DRAW,
     RouteDecision,
-    chat_model_resident,
     classify_with_model,
     decide_route,
     image_prompt_by_rules,
@@ -24,9 +20,14 @@ from router import (
     interpret_image_request,
     route_message,
 )
+from chat import ChatService
+from errors import BadInputError
+from model_manager import ModelManager
 from settings import ChatSettings
 
 IMG = True  # an image is attached
+# SmolLM2-135M writes most prompts itself; the rules catch the rest. Measured: see the test's output.
+MIN_MODEL_REWRITES = 16
 
 # (message, an image attached?, the route the product should take). About half English, half German.
 # A message the rules leave undecided counts as what happens without the model: chat.
@@ -137,19 +138,80 @@ LABELLED: list[tuple[str, bool, str]] = [
 ]
 
 
-def test_the_rules_route_at_least_95_percent_of_the_labelled_messages() -> None:
-    assert len(LABELLED) >= 60
+# Written after the rules and never used to change them: what a rule-writer did not see. Its
+# accuracy is the honest estimate of how well the rules generalise; LABELLED above is what they
+# were written against (their training accuracy). Add to this table, but never tune rules on it.
+HELD_OUT: list[tuple[str, bool, str]] = [
+    ("could you create an image of a snowy village at night", False, "image"),
+    ("paint a portrait of an old fisherman", False, "image"),
+    ("I need an icon for my weather app, a sun behind a cloud", False, "image"),
+    ("give me a wallpaper with purple mountains", False, "image"),
+    ("draw two cats playing chess", False, "image"),
+    ("render a futuristic car in a showroom", False, "image"),
+    ("make a poster for a jazz concert", False, "image"),
+    ("can you illustrate a children's book page with a bear in a forest", False, "image"),
+    ("a red apple on a wooden table, studio lighting, 8k", False, "image"),
+    ("what's the capital of Australia?", False, "chat"),
+    ("how do I paint a wall without streaks?", False, "chat"),
+    ("write a haiku about autumn", False, "chat"),
+    ("explain the difference between TCP and UDP", False, "chat"),
+    ("draw a flowchart of the login process", False, "chat"),
+    ("who painted the Mona Lisa?", False, "chat"),
+    ("let's draw up a plan for the migration", False, "chat"),
+    ("give me tips for sketching faces", False, "chat"),
+    ("summarise this article for me: the economy grew by 2 percent", False, "chat"),
+    ("what colors go well with navy blue?", False, "chat"),
+    ("describe this photo", False, "chat"),
+    ("what breed is the dog in the picture?", IMG, "vision"),
+    ("read the text on this sign", IMG, "vision"),
+    ("is this mushroom edible?", IMG, "vision"),
+    ("/draw a lighthouse", IMG, "image"),
+    # German
+    ("erstelle mir ein Bild von einem Segelboot bei Sonnenuntergang", False, "image"),
+    ("zeichne eine Katze auf einem Sofa", False, "image"),
+    ("male einen Wald im Nebel", False, "image"),
+    ("kannst du mir ein Logo für meine Bäckerei machen?", False, "image"),
+    ("generiere ein Foto von einem Hund am Strand", False, "image"),
+    ("ich möchte ein Bild von einer Burg im Winter", False, "image"),
+    ("wie spät ist es in Tokio?", False, "chat"),
+    ("wie malt man Wolken mit Aquarell?", False, "chat"),
+    ("schreib mir eine kurze E-Mail an meinen Chef", False, "chat"),
+    ("erkläre mir Photosynthese", False, "chat"),
+    ("zeichne ein Diagramm der Umsätze", False, "chat"),
+    ("wer hat den Schrei gemalt?", False, "chat"),
+    ("was siehst du auf dem Bild?", IMG, "vision"),
+    ("welche Pflanze ist das?", IMG, "vision"),
+    ("beschreibe das Bild genau", IMG, "vision"),
+    ("/chat wie geht es dir?", IMG, "chat"),
+]
+
+
+def rules_accuracy(table: list[tuple[str, bool, str]]) -> tuple[float, list[str]]:
     wrong = []
-    for text, has_image, expected in LABELLED:
+    for text, has_image, expected in table:
         decision = route_message(text, has_image=has_image)
         got = decision.route if decision is not None else "chat"  # undecided, no model: chat
         if got != expected:
             wrong.append(f"  {text!r} (image attached: {has_image}): expected {expected}, got {got}")
-    accuracy = 1 - len(wrong) / len(LABELLED)
-    print(f"\nrouter rules accuracy: {accuracy:.1%} ({len(LABELLED) - len(wrong)}/{len(LABELLED)} labelled messages)")
+    return 1 - len(wrong) / len(table), wrong
+
+
+def test_the_rules_route_at_least_95_percent_of_the_labelled_messages() -> None:
+    assert len(LABELLED) >= 60
+    accuracy, wrong = rules_accuracy(LABELLED)
+    print(f"\nrouter rules accuracy on the table they were written from: {accuracy:.1%} ({len(LABELLED)} messages)")
     if wrong:
         print("misrouted:\n" + "\n".join(wrong))
     assert accuracy >= 0.95, "\n".join(wrong)
+
+
+def test_the_rules_generalise_to_messages_they_were_not_written_from() -> None:
+    assert len(HELD_OUT) >= 40
+    accuracy, wrong = rules_accuracy(HELD_OUT)
+    print(f"\nrouter rules accuracy on held-out messages: {accuracy:.1%} ({len(HELD_OUT)} messages)")
+    if wrong:
+        print("misrouted:\n" + "\n".join(wrong))
+    assert accuracy >= 0.85, "\n".join(wrong)
 
 
 # ----------------------------------------------------------------------------
@@ -243,13 +305,10 @@ def test_drawing_words_without_a_clear_request_are_undecided(text: str) -> None:
 
 
 def test_an_undecided_message_without_a_resident_model_is_chat_with_a_hint() -> None:
-    def never_asked() -> bool:
-        raise AssertionError("the model must not be consulted without a chat service")
-
-    decision = decide_route("I love painting landscapes", has_image=False, chat=None, chat_resident=never_asked)
+    decision = decide_route("I love painting landscapes", has_image=False, model=NotLoaded())
     assert (decision.route, decision.by, decision.hint) == ("chat", "default", HINT_FORCE_DRAW)
     decision = decide_route("I love painting landscapes", has_image=False)
-    assert decision.route == "chat"
+    assert (decision.route, decision.by) == ("chat", "default")
 
 
 # ----------------------------------------------------------------------------
@@ -298,7 +357,7 @@ def test_the_prompt_schema_is_bounded_so_the_json_closes_within_max_tokens() -> 
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory: pytest.TempPathFactory, embedded_model: Path) -> ChatService:
     absent = tmp_path_factory.mktemp("models") / "absent.gguf"  # falls back to the embedded model
-    return ChatService(ModelManager(probe=CpuMemoryProbe(), keep_alive_s=-1), ChatSettings(context_size=1024), absent)
+    return ChatService(ModelManager(keep_alive_s=-1), ChatSettings(context_size=1024), absent)
 
 
 class RecordingChat:
@@ -308,10 +367,16 @@ class RecordingChat:
         self._chat = chat
         self.replies: list[str] = []
 
-    def complete(self, *args: object, **kwargs: object) -> str:
-        reply = self._chat.complete(*args, **kwargs)  # type: ignore[arg-type]
+    def complete_if_idle(self, *args: object, **kwargs: object) -> str | None:
+        reply = self._chat.complete_if_idle(*args, **kwargs)
+        assert reply is not None, "the chat model should be loaded and idle here"
         self.replies.append(reply)
         return reply
+
+
+def load(chat: ChatService) -> None:
+    """Make the chat model resident, as a chat turn before a drawing request would."""
+    chat.complete([{"role": "user", "content": "hi"}], chat.defaults.override(max_tokens=1))
 
 
 WISHES = [
@@ -339,8 +404,9 @@ WISHES = [
 
 
 def test_the_model_writes_parseable_image_prompts_every_time(chat: ChatService) -> None:
+    load(chat)
     recording = RecordingChat(chat)
-    results = [interpret_image_request(wish, recording, max_tokens=120) for wish in WISHES]  # type: ignore[arg-type]
+    results = [interpret_image_request(wish, recording, max_tokens=120) for wish in WISHES]
     assert len(recording.replies) == len(WISHES)
     for wish, reply, result in zip(WISHES, recording.replies, results, strict=True):
         answer = json.loads(reply)  # the grammar guarantees it
@@ -351,60 +417,76 @@ def test_the_model_writes_parseable_image_prompts_every_time(chat: ChatService) 
     print(f"\nimage prompts written by the model: {by_model}/{len(WISHES)} (the rest by rules)")
     for wish, result in zip(WISHES, results, strict=True):
         print(f"  {wish!r} -> {result.prompt!r} [{result.by}]")
+    # The rule fallback makes every result usable; the model itself must still succeed most of the time.
+    assert by_model >= MIN_MODEL_REWRITES, f"only {by_model}/{len(WISHES)} prompts were the model's own"
     lora = results[WISHES.index("draw a cute robot watering plants <lora:pixel_style:0.8>")]
     assert lora.prompt.endswith("<lora:pixel_style:0.8>") and lora.prompt.count("<lora:") == 1
 
 
 def test_a_failing_model_falls_back_to_the_rules() -> None:
-    result = interpret_image_request("please draw a red barn", Canned('{"prompt": "unterminated'))  # type: ignore[arg-type]
+    result = interpret_image_request("please draw a red barn", Canned('{"prompt": "unterminated'))
     assert result.by == "rules" and result.prompt == "a red barn"
 
 
 class Canned:
-    """A chat service that answers every request with the same text."""
+    """A chat model, loaded and idle, that answers every request with the same text."""
 
     def __init__(self, reply: str) -> None:
         self.reply = reply
 
-    def complete(self, *args: object, **kwargs: object) -> str:
+    def complete_if_idle(self, *args: object, **kwargs: object) -> str | None:
         return self.reply
+
+
+class NotLoaded:
+    """A chat model that is not resident: every auxiliary use is declined."""
+
+    def complete_if_idle(self, *args: object, **kwargs: object) -> str | None:
+        return None
+
+
+def test_a_chat_model_that_is_not_loaded_leaves_the_prompt_to_the_rules() -> None:
+    result = interpret_image_request("please draw a red barn", NotLoaded())
+    assert (result.prompt, result.by) == ("a red barn", "rules")
 
 
 def test_a_model_prompt_that_loses_an_english_subject_falls_back_to_the_rules() -> None:
     elsewhere = Canned(json.dumps({"prompt": "a beautiful woman in a red dress", "negative_prompt": "blurry"}))
-    result = interpret_image_request("could you draw a lighthouse at dusk?", elsewhere)  # type: ignore[arg-type]
+    result = interpret_image_request("could you draw a lighthouse at dusk?", elsewhere)
     assert (result.prompt, result.by) == ("a lighthouse at dusk", "rules")
     # German is translated, so its words cannot be compared: the model's prompt is kept.
-    result = interpret_image_request("Zeichne einen Leuchtturm", elsewhere)  # type: ignore[arg-type]
+    result = interpret_image_request("Zeichne einen Leuchtturm", elsewhere)
     assert (result.prompt, result.negative_prompt, result.by) == ("a beautiful woman in a red dress", "blurry", "model")
 
 
 def test_the_models_prompt_keeps_only_the_users_lora_tags() -> None:
     model = Canned(json.dumps({"prompt": "a lighthouse, dusk <lora:invented:1>", "negative_prompt": "text"}))
-    result = interpret_image_request("draw a lighthouse <lora:pixel:0.5> <lora:film:1>", model)  # type: ignore[arg-type]
+    result = interpret_image_request("draw a lighthouse <lora:pixel:0.5> <lora:film:1>", model)
     assert result.prompt == "a lighthouse, dusk <lora:pixel:0.5> <lora:film:1>"
 
 
 def test_a_copy_of_the_worked_example_falls_back_to_the_rules() -> None:
-    from router import _IMAGE_PROMPT_EXAMPLES
+    from assistant.routing import _IMAGE_PROMPT_EXAMPLES
 
     copy = Canned(json.dumps(_IMAGE_PROMPT_EXAMPLES[0][1]))
-    result = interpret_image_request("Mal mir eine Katze mit Hut", copy)  # type: ignore[arg-type]
+    result = interpret_image_request("Mal mir eine Katze mit Hut", copy)
     assert (result.prompt, result.by) == ("eine Katze mit Hut", "rules")
 
 
 def test_nothing_to_draw_is_refused() -> None:
     class Unused:
-        def complete(self, *args: object, **kwargs: object) -> str:
+        def complete_if_idle(self, *args: object, **kwargs: object) -> str:
             raise AssertionError("no model call for an empty wish")
 
     with pytest.raises(BadInputError, match="nothing to draw"):
-        interpret_image_request("/draw <lora:pixel:0.5>", Unused())  # type: ignore[arg-type]
+        interpret_image_request("/draw <lora:pixel:0.5>", Unused())
 
 
 def test_the_model_classifies_undecided_messages(chat: ChatService) -> None:
+    load(chat)
     for text in ("I love painting landscapes", "Ich zeichne gern", "sunset over the mountains, oil painting"):
         decision = classify_with_model(text, chat)
+        assert decision is not None, "the model is loaded and idle: it must be asked"
         assert decision.route in ("chat", "image"), text
         assert decision.by == "model" and decision.reason and decision.prompt == text
 
@@ -412,19 +494,16 @@ def test_the_model_classifies_undecided_messages(chat: ChatService) -> None:
 def test_classification_is_only_asked_of_a_resident_chat_model(chat: ChatService) -> None:
     manager = chat._manager
     manager.unload_all()
-    assert not chat_model_resident(manager, chat)
-    decision = decide_route(
-        "I love painting landscapes", chat=chat, chat_resident=lambda: chat_model_resident(manager, chat)
-    )
-    assert decision.by == "default" and manager.status().resident == ()
-    chat.complete([{"role": "user", "content": "hi"}], chat.defaults.override(max_tokens=1))
-    assert chat_model_resident(manager, chat)
-    decision = decide_route(
-        "I love painting landscapes", chat=chat, chat_resident=lambda: chat_model_resident(manager, chat)
-    )
+    decision = decide_route("I love painting landscapes", model=chat)
+    assert decision.by == "default" and manager.status().resident == ()  # nothing was loaded to classify
+    assert classify_with_model("I love painting landscapes", chat) is None
+    load(chat)
+    loads = manager.status().load_counts
+    decision = decide_route("I love painting landscapes", model=chat)
     assert decision.by == "model"
+    assert manager.status().load_counts == loads  # asking the resident model loaded nothing
 
 
 def test_a_failing_classification_answers_chat() -> None:
-    decision = classify_with_model("I love painting", Canned("not json"))  # type: ignore[arg-type]
-    assert (decision.route, decision.by) == ("chat", "default")
+    decision = classify_with_model("I love painting", Canned("not json"))
+    assert decision is not None and (decision.route, decision.by) == ("chat", "default")

@@ -21,7 +21,7 @@ from chat import ChatService
 from errors import BadInputError, ModelLoadError, ModelMissingError, TooLargeError
 from model_manager import CpuMemoryProbe, LoadSpec, ModelManager
 from settings import ChatSettings, VisionSettings
-from text_generation import GenerationParams, Message
+from text_generation.stream import GenerationParams, Message
 from vision import (
     MAX_QUESTION_CHARS,
     VisionService,

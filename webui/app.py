@@ -7,7 +7,7 @@ from typing import Any
 
 import gradio as gr
 
-from assistant import Assistant
+from assistant.dispatch import Assistant
 from errors import AppError
 from services import Services
 from settings import Settings
@@ -42,7 +42,7 @@ def build_ui(services: Services, settings: Settings, assistant: Assistant) -> gr
         def after(event: Any) -> None:
             event.then(refresh_status, None, [notice, status], show_progress="hidden", api_visibility="private")
 
-        wire_chat_tab(chat_tab, assistant, services.chat, after)
+        wire_chat_tab(chat_tab, assistant, after)
         wire_vision_tab(vision_tab, services.vision, settings.vision.default_question, after)
         wire_image_tab(image_tab, services.images, after)
         gr.Timer(2.0).tick(refresh_status, None, [notice, status], show_progress="hidden", api_visibility="private")

@@ -14,9 +14,9 @@ from typing import Any
 
 import gradio as gr
 
-from assistant import Assistant, Drawing, route_title
+from assistant.dispatch import Assistant, Drawing, PendingDrawing, route_title
+from assistant.routing import RouteDecision
 from chat import ChatService
-from router import RouteDecision
 from webui.common import History, as_gradio_error, plain_history, stream_into
 
 Update = tuple[Any, History, str | None]  # (input box, chatbot, the image the conversation is about)
@@ -89,10 +89,8 @@ def drawing_messages(drawing: Drawing) -> list[dict[str, Any]]:
     return messages
 
 
-def make_chat_handler(
-    assistant: Assistant, chat: ChatService, running: dict[str, threading.Event]
-) -> Callable[..., Iterator[Update]]:
-    """``running`` maps a browser session to the switch its Stop button sets."""
+def make_chat_handler(assistant: Assistant, running: dict[str, threading.Event]) -> Callable[..., Iterator[Update]]:
+    """``running`` maps a browser session to the switch its Stop button sets, while a reply runs."""
 
     def respond(
         message: dict[str, Any] | None,
@@ -106,86 +104,101 @@ def make_chat_handler(
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way to ask for a progress bar
     ) -> Iterator[Update]:
-        cancel = running[request.session_hash or ""] = threading.Event()
         text = (message or {}).get("text") or ""
         files = (message or {}).get("files") or []
         attached = str(files[-1]) if files else None
         if not text.strip() and not attached:
             yield gr.skip(), history, active_image  # an empty message is not sent
             return
+        session = request.session_hash or ""
+        cancel = running[session] = threading.Event()
+        sampling = {
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_tokens": int(max_tokens),
+            "seed": int(seed) if seed is not None else None,
+        }
+        try:
+            yield from answer_message(
+                message, text, attached, history, active_image, system_prompt, sampling, cancel, progress
+            )
+        finally:
+            if running.get(session) is cancel:
+                del running[session]
+
+    def answer_message(
+        message: dict[str, Any] | None,
+        text: str,
+        attached: str | None,
+        history: History,
+        active_image: str | None,
+        system_prompt: str,
+        sampling: dict[str, Any],
+        cancel: threading.Event,
+        progress: gr.Progress,
+    ) -> Iterator[Update]:
         image = attached or active_image
         history = list(history or [])
-        earlier = plain_history(history)
         try:
-            decision = assistant.decide(text, has_image=image is not None)
-            params = chat.defaults.override(
-                temperature=temperature,
-                top_p=top_p,
-                max_tokens=int(max_tokens),
-                seed=int(seed) if seed is not None else None,
+            answer = assistant.answer(
+                text,
+                image=image,
+                history=plain_history(history),
+                overrides=sampling,
+                system_prompt=system_prompt,
+                cancel=cancel,
             )
         except Exception as error:
             raise as_gradio_error(error) from None  # nothing yielded: the message stays in the box
+        decision = answer.decision
         shown = [*history]
         if attached:
             shown.append({"role": "user", "content": {"path": attached}})
         if text.strip():
             shown.append({"role": "user", "content": text})
-        if decision.hint and not decision.prompt.strip() and decision.route != "vision":
-            yield "", [*shown, note(decision)], image  # only a hint to show: nothing to answer
+        if answer.hint_only:
+            yield "", [*shown, note(decision)], image
             return
         shown.append(note(decision))
-        if decision.route == "image":
-            yield from draw(decision, shown, message, history, active_image, progress, cancel)
+        if answer.drawing is not None:
+            yield from draw(answer.drawing, shown, message, history, active_image, progress)
             return
-        try:
-            if decision.route == "vision":
-                stream = assistant.look(image or "", earlier, decision, cancel=cancel)
-            else:
-                stream = assistant.chat(earlier, decision, params, system_prompt=system_prompt, cancel=cancel)
-        except Exception as error:
-            yield message, history, active_image
-            raise as_gradio_error(error) from None
+        assert answer.text is not None
         keep_image = image if decision.route == "vision" else active_image
         yield "", shown, keep_image
         try:
-            for chatbot in stream_into(stream, shown):
+            for chatbot in stream_into(answer.text, shown):
                 yield gr.skip(), chatbot, keep_image
         except Exception as error:
             yield message, history, active_image  # give the message back; nothing is lost
             raise as_gradio_error(error) from None
 
     def draw(
-        decision: RouteDecision,
+        drawing: PendingDrawing,
         shown: History,
         message: dict[str, Any] | None,
         history: History,
         active_image: str | None,
         progress: gr.Progress,
-        cancel: threading.Event,
     ) -> Iterator[Update]:
         yield "", shown, active_image
         try:
-            prompt = assistant.image_prompt(decision)
-            shown[-1] = note(decision, f"Prompt written by the {prompt.by}: {prompt.prompt}")
+            prompt = drawing.prompt()
+            shown[-1] = note(drawing.decision, f"Prompt written by the {prompt.by}: {prompt.prompt}")
             yield gr.skip(), shown, active_image
-            result = assistant.draw(
-                prompt,
-                progress=lambda step, total: progress((step, total), desc="Drawing", unit="steps"),
-                cancel=cancel,
-            )
+            done = drawing.draw(lambda step, total: progress((step, total), desc="Drawing", unit="steps"))
         except Exception as error:
             yield message, history, active_image  # give the request back; nothing is lost
             raise as_gradio_error(error) from None
-        yield gr.skip(), [*shown, *drawing_messages(Drawing(prompt, result))], active_image
+        yield gr.skip(), [*shown, *drawing_messages(done)], active_image
 
     return respond
 
 
-def wire_chat_tab(tab: ChatTab, assistant: Assistant, chat: ChatService, after: Callable[[Any], None]) -> None:
+def wire_chat_tab(tab: ChatTab, assistant: Assistant, after: Callable[[Any], None]) -> None:
     """Connect the tab's events; ``after(event)`` chains what should follow each reply."""
-    running: dict[str, threading.Event] = {}  # one Stop switch per browser session
-    respond = make_chat_handler(assistant, chat, running)
+    running: dict[str, threading.Event] = {}  # one Stop switch per browser session, while it has a reply running
+    respond = make_chat_handler(assistant, running)
 
     def stop(request: gr.Request) -> None:
         switch = running.get(request.session_hash or "")

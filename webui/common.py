@@ -12,7 +12,7 @@ import gradio as gr
 
 from errors import AppError
 from model_manager import ManagerStatus
-from text_generation import Message, TextStream
+from text_generation.stream import Message, TextStream
 
 log = logging.getLogger(__name__)
 MIB = 2**20
@@ -59,6 +59,9 @@ def stream_into(stream: TextStream, shown: History) -> Iterator[History]:
     if stream.finish_reason == "length":
         shown[-1]["content"] += " …"
         yield shown
+    elif stream.finish_reason == "cancelled":
+        shown[-1]["content"] += " *(stopped)*"
+        yield shown
 
 
 def stream_reply(
@@ -84,15 +87,16 @@ def format_size(size: int) -> str:
 
 
 def format_status(status: ManagerStatus) -> str:
-    lines = [
-        f"**Device:** {status.device} · **Policy:** {status.policy} · **Budget:** {format_size(status.budget_bytes)}",
-        "",
-    ]
+    budgets = " · ".join(
+        f"**{d.name}:** {format_size(d.resident_bytes)} of {format_size(d.budget_bytes)}" for d in status.devices
+    )
+    waiting = f" · **Waiting:** {status.waiting}" if status.waiting else ""
+    lines = [f"**Policy:** {status.policy} · {budgets}{waiting}", ""]
     if status.resident:
-        lines += ["| Model | State | In use | Memory | Load time | Idle |", "|---|---|---|---|---|---|"]
+        lines += ["| Model | Device | State | In use | Memory | Load time | Idle |", "|---|---|---|---|---|---|---|"]
         for m in status.resident:
             lines.append(
-                f"| {m.label} | {m.state} | {m.refs} | {format_size(m.size_bytes)} | "
+                f"| {m.label} | {m.device} | {m.state} | {'yes' if m.in_use else 'no'} | {format_size(m.size_bytes)} | "
                 f"{m.load_seconds:.2f} s | {m.idle_seconds:.0f} s |"
             )
     else:

@@ -10,9 +10,9 @@ from typing import Any
 import gradio as gr
 
 from generator import ImageRequest, ImageService
-from image_metadata import read_png_parameters
-from image_request import SAMPLER_NAMES
 from settings import ImageSettings
+from stable_diffusion.metadata import read_png_parameters
+from stable_diffusion.request import SAMPLER_NAMES
 from webui.common import as_gradio_error
 
 
@@ -150,7 +150,8 @@ def wire_image_tab(tab: ImageTab, images: ImageService, after: Callable[[Any], N
         except Exception as error:
             raise as_gradio_error(error) from None
         finally:
-            running.pop(session, None)
+            if running.get(session) is cancel:
+                del running[session]
         gallery = [(item.image, f"seed {item.seed}") for item in result.images]
         return gallery, describe_result(result)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -58,30 +59,49 @@ def build_vision_tab(vision: VisionService, default_question: str) -> VisionTab:
     return VisionTab(notice, image, chatbot, question, ask, stop, clear)
 
 
-def make_vision_handler(vision: VisionService, default_question: str) -> Callable[..., Iterator[tuple[Any, History]]]:
-    def answer(image_path: str | None, question: str, history: History) -> Iterator[tuple[Any, History]]:
+def make_vision_handler(
+    vision: VisionService, default_question: str, running: dict[str, threading.Event]
+) -> Callable[..., Iterator[tuple[Any, History]]]:
+    """``running`` maps a browser session to the switch its Stop button sets, while an answer runs."""
+
+    def answer(
+        image_path: str | None, question: str, history: History, request: gr.Request
+    ) -> Iterator[tuple[Any, History]]:
         if not image_path:
             raise gr.Error("Upload, paste or take a picture first; then ask about it.")
         asked = question.strip() or default_question
         earlier = plain_history(history)
+        session = request.session_hash or ""
+        cancel = running[session] = threading.Event()
         try:
-            stream = vision.stream(image_path, [*earlier, {"role": "user", "content": asked}])
-        except Exception as error:
-            raise as_gradio_error(error) from None  # nothing yielded: the question stays in the box
-        yield from stream_reply(stream, earlier, question, shown_question=asked)
+            try:
+                stream = vision.stream(image_path, [*earlier, {"role": "user", "content": asked}], cancel=cancel)
+            except Exception as error:
+                raise as_gradio_error(error) from None  # nothing yielded: the question stays in the box
+            yield from stream_reply(stream, earlier, question, shown_question=asked)
+        finally:
+            if running.get(session) is cancel:
+                del running[session]
 
     return answer
 
 
 def wire_vision_tab(tab: VisionTab, vision: VisionService, default_question: str, after: Callable[[Any], None]) -> None:
-    answer = make_vision_handler(vision, default_question)
+    running: dict[str, threading.Event] = {}  # one Stop switch per browser session, while it has an answer running
+    answer = make_vision_handler(vision, default_question, running)
+
+    def stop(request: gr.Request) -> None:
+        switch = running.get(request.session_hash or "")
+        if switch is not None:
+            switch.set()  # reaches the model manager's queue and the generation itself
+
     inputs = [tab.image, tab.question, tab.chatbot]
     outputs = [tab.question, tab.chatbot]
     submitted = tab.question.submit(answer, inputs, outputs, api_name="describe", concurrency_limit=1)
     clicked = tab.ask.click(answer, inputs, outputs, api_visibility="private", concurrency_limit=1)
     after(submitted)
     after(clicked)
-    tab.stop.click(None, None, None, cancels=[submitted, clicked], api_visibility="private")
+    tab.stop.click(stop, None, None, cancels=[submitted, clicked], api_visibility="private", queue=False)
     tab.clear.click(lambda: [], None, tab.chatbot, api_visibility="private")
     # A new image starts a new conversation.
     tab.image.change(lambda: [], None, tab.chatbot, api_visibility="private")

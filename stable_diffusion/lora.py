@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from errors import BadInputError
-from sd_models import FAMILY_NAMES, ImageModel, header_tensors, read_safetensors_header
+from stable_diffusion.models import FAMILY_NAMES, ImageModel, header_tensors, read_safetensors_header
 
 MAX_LORA_WEIGHT = 10.0
 LORA_KEY_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up", "lora_linear_layer")

@@ -20,9 +20,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from errors import BadInputError
-from image_request import SAMPLER_NAMES, ImageRequest, Plan
-from lora import parse_prompt_loras
-from sd_models import ImageModel
+from stable_diffusion.lora import parse_prompt_loras
+from stable_diffusion.models import ImageModel
+from stable_diffusion.request import SAMPLER_NAMES, ImageRequest, Plan
 
 
 # ----------------------------------------------------------------------------

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from errors import AppError, BadInputError, ModelLoadError
-from image_request import SCHEDULERS
 from model_manager import LoadedModel, LoadSpec
-from sd_models import FAMILY_NAMES, PIPELINE_COMPONENTS, Family, folder_variant
+from stable_diffusion.models import FAMILY_NAMES, PIPELINE_COMPONENTS, Family, folder_variant
+from stable_diffusion.request import SCHEDULERS
 
 COMPONENT_NAMES = {
     "UNet2DConditionModel": "UNet",
@@ -36,7 +35,6 @@ class LoadedImageModel:
     pipe: Any  # StableDiffusionPipeline or StableDiffusionXLPipeline
     family: Family
     base_scheduler_config: Mapping[str, Any]
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
     scheduler_name: str | None = None
     adapters: dict[str, tuple[int, int]] = field(default_factory=dict)  # adapter -> file fingerprint
     tiling: bool = False
@@ -67,7 +65,7 @@ def load_image_pipeline(spec: LoadSpec) -> LoadedModel:
         else:
             pipe = cls.from_single_file(str(path), config=spec.option("config"), **options)
         _check_all_weights_loaded(pipe, path)
-        pipe.to(spec.option("device"))
+        pipe.to(spec.device)
     except (MemoryError, torch.OutOfMemoryError, AppError):
         raise
     except Exception as error:

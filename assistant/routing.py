@@ -10,8 +10,9 @@ Cheapest first:
    "paint me a picture ... with words", diagrams and code, questions about an image that is not
    attached). Each message is cut into sentences; a request to draw in one of them wins.
 3. Only when the rules are undecided (drawing words, but no clear request) and the chat model is
-   already loaded: the chat model itself, asked for grammar-constrained JSON. Never a model swap
-   just to classify; without it an undecided message is answered as chat, with a hint to /draw.
+   loaded and idle: the chat model itself, asked for grammar-constrained JSON. It is borrowed
+   atomically (``complete_if_idle``): never a model swap or a wait just to classify; without it
+   an undecided message is answered as chat, with a hint to /draw.
 
 Judgement calls, made on purpose:
 - "paint me a picture of your weekend with words" is chat: "with words" / "in words" marks a
@@ -21,8 +22,9 @@ Judgement calls, made on purpose:
 - Diagrams, charts, tables, ASCII art and drawing "in Python" are text work for the chat model.
 - "Can you draw?" asks about an ability: chat, with a hint on how to ask for a picture.
 
-``interpret_image_request`` then lets the chat model turn a casual wish (any language) into an
-English Stable Diffusion prompt and a negative prompt, with a rule-based fallback.
+``interpret_image_request`` then lets the chat model, when it is loaded and idle, turn a casual
+wish (any language) into an English Stable Diffusion prompt and a negative prompt; otherwise, or
+when the model fails, the rules strip the wish down to its subject.
 """
 
 from __future__ import annotations
@@ -30,14 +32,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from chat import ChatService, json_grammar
 from errors import AppError, BadInputError
-from model_manager import ModelManager
-from text_generation import GenerationParams, Message
+from text_generation.grammar import json_grammar
+from text_generation.stream import GenerationParams, Message
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,14 @@ class RouteDecision:
     prompt: str  # the message, a command prefix stripped; empty with a hint: show the hint, answer nothing
     hint: str | None = None  # something to tell the user, e.g. "Attach an image to ask about it."
     by: DecidedBy = "rules"
+
+
+class IdleTextModel(Protocol):
+    """A text model used only when it is already loaded and idle (``ChatService`` is one)."""
+
+    def complete_if_idle(
+        self, messages: Sequence[Message], params: GenerationParams, *, grammar: str | None = None
+    ) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -479,12 +488,11 @@ _CLASSIFY_SYSTEM = (
 )
 
 
-def classify_with_model(text: str, chat: ChatService) -> RouteDecision:
+def classify_with_model(text: str, model: IdleTextModel) -> RouteDecision | None:
     """Ask the chat model whether ``text`` wants a picture, as grammar-constrained JSON.
 
-    For undecided messages only, and only when the chat model is already resident (the
-    caller checks, see ``chat_model_resident``): this must never load a model just to classify.
-    Any failure answers "chat", by "default".
+    None when the model is not loaded and idle: classifying must never cost a swap or a wait.
+    A model that fails answers "chat", by "default".
     """
     prompt = text.strip()
     messages: list[Message] = [
@@ -492,7 +500,9 @@ def classify_with_model(text: str, chat: ChatService) -> RouteDecision:
         {"role": "user", "content": prompt[:MAX_CLASSIFY_CHARS]},
     ]
     try:
-        reply = chat.complete(messages, _CLASSIFY_PARAMS, grammar=json_grammar(_ROUTE_SCHEMA))
+        reply = model.complete_if_idle(messages, _CLASSIFY_PARAMS, grammar=json_grammar(_ROUTE_SCHEMA))
+        if reply is None:
+            return None
         answer = json.loads(reply)
         route, reason = answer["route"], " ".join(str(answer["reason"]).split())
     except (AppError, ValueError, KeyError, TypeError, RuntimeError) as error:
@@ -504,35 +514,15 @@ def classify_with_model(text: str, chat: ChatService) -> RouteDecision:
     return RouteDecision(route, reason or f"the chat model chose {route}", prompt, hint, "model")
 
 
-def chat_model_resident(manager: ModelManager, chat: ChatService) -> bool:
-    """Whether the chat model that ``chat`` would use is loaded and idle: asking it then swaps
-    nothing and waits for nothing."""
-    try:
-        path = str(chat.resolve_model().path)
-    except AppError:
-        return False
-    return any(
-        m.kind == "chat" and m.path == path and m.state == "ready" and m.refs == 0 for m in manager.status().resident
-    )
-
-
-def decide_route(
-    text: str,
-    *,
-    has_image: bool = False,
-    chat: ChatService | None = None,
-    chat_resident: Callable[[], bool] | None = None,
-) -> RouteDecision:
-    """The front ends' one call: rules first; when undecided, the chat model if it is resident; else chat.
-
-    ``chat_resident`` is e.g. ``lambda: chat_model_resident(manager, chat)``; without it (or
-    without ``chat``) the model is never asked.
-    """
+def decide_route(text: str, *, has_image: bool = False, model: IdleTextModel | None = None) -> RouteDecision:
+    """The front ends' one call: rules first; when undecided, the chat model if it is loaded and idle; else chat."""
     decision = route_message(text, has_image=has_image)
     if decision is not None:
         return decision
-    if chat is not None and chat_resident is not None and chat_resident():
-        return classify_with_model(text, chat)
+    if model is not None:
+        decision = classify_with_model(text, model)
+        if decision is not None:
+            return decision
     return RouteDecision("chat", "not clearly a drawing request", text.strip(), HINT_FORCE_DRAW, "default")
 
 
@@ -603,12 +593,12 @@ def _rules_subject(text: str) -> tuple[str, Language]:
     return _SUBJECT_TAIL.sub("", _SUBJECT_HEAD.sub("", subject.strip())).strip() or wish, language
 
 
-def interpret_image_request(text: str, chat: ChatService, *, max_tokens: int = 200) -> ImagePrompt:
+def interpret_image_request(text: str, model: IdleTextModel, *, max_tokens: int = 200) -> ImagePrompt:
     """Let the chat model turn a casual wish (any language) into an English Stable Diffusion prompt
     and a negative prompt, as grammar-constrained JSON; the user's ``<lora:...>`` tags are kept.
 
-    Falls back to ``image_prompt_by_rules`` when the model fails or writes nothing useful. This
-    borrows the chat model: call it when that model is resident (or a load is acceptable).
+    Only when the model is loaded and idle (it is never loaded for this); otherwise, and when the
+    model fails or writes nothing useful, ``image_prompt_by_rules``.
     """
     _, command_free = _split_command(text)
     tags = _LORA_TAG.findall(command_free)
@@ -624,7 +614,9 @@ def interpret_image_request(text: str, chat: ChatService, *, max_tokens: int = 2
     messages.append({"role": "user", "content": wish[:MAX_WISH_CHARS]})
     params = GenerationParams(temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0, repeat_penalty=1.1)
     try:
-        reply = chat.complete(messages, params, grammar=json_grammar(image_prompt_schema(max_tokens)))
+        reply = model.complete_if_idle(messages, params, grammar=json_grammar(image_prompt_schema(max_tokens)))
+        if reply is None:
+            return fallback
         answer = json.loads(reply)
         prompt, negative = _tidy(answer["prompt"]), _tidy(answer["negative_prompt"])
     except (AppError, ValueError, KeyError, TypeError, RuntimeError) as error:

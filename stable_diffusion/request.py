@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from errors import BadInputError
-from lora import lora_tags, merge_loras, parse_prompt_loras
 from settings import ImageSettings
+from stable_diffusion.lora import lora_tags, merge_loras, parse_prompt_loras
 
 # The schedulers offered, by the names AUTOMATIC1111 writes into its "parameters" text.
 SAMPLER_NAMES: dict[str, str] = {

@@ -1,0 +1,240 @@
+"""The OpenAI-compatible /v1 routes: models, chat completions (routed like the Chat tab with
+model "auto"), image generations.
+
+Every route that runs a model watches its client: when the client goes away, the request's
+cancel signal is set, so it leaves the model manager's queue or stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import require_api_key
+from api.errors import ApiError
+from api.protocol import (
+    ChatCompletionRequest,
+    ImageGenerationRequest,
+    completion_body,
+    grammar_for,
+    image_request_of,
+    parse_messages,
+    png_bytes,
+    sampling_overrides,
+)
+from api.streaming import PieceRelay, stream_events
+from assistant.dispatch import Assistant, PendingDrawing
+from errors import AppError, BadInputError
+from model_manager import CatalogEntry
+from services import Services
+from settings import ServerSettings
+from text_generation.stream import Message, TextStream
+
+DISCONNECT_POLL_S = 0.25
+
+
+def openai_router(
+    services: Services, server: ServerSettings, outputs_dir: Path, assistant: Assistant | None
+) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key(server))])
+
+    @router.get("/models")
+    def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(entry, services) for entry in answering_models(services)]}
+
+    @router.post("/images/generations")
+    async def images_generations(body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
+        images = services.images
+        if body.model not in (None, "auto", images.model_path.stem, images.model_path.name):
+            raise ApiError(404, f"unknown image model '{body.model}'; GET /v1/models lists them", "model_not_found")
+        image_request = image_request_of(body)
+        cancel = threading.Event()
+        async with cancel_on_disconnect(request, cancel):
+            result = await run_in_threadpool(lambda: images.generate(image_request, cancel=cancel))
+        data = []
+        for item in result.images:
+            entry: dict[str, Any] = {"revised_prompt": body.prompt, "seed": item.seed}
+            if body.response_format == "url" and item.path is not None:
+                entry["url"] = f"{request.base_url}outputs/{outputs_name(item.path, outputs_dir)}"
+            else:  # the saved file carries the parameters text; an in-memory image does not
+                data_bytes = item.path.read_bytes() if item.path is not None else png_bytes(item.image)
+                entry["b64_json"] = base64.b64encode(data_bytes).decode("ascii")
+            data.append(entry)
+        return {"created": int(time.time()), "data": data, "output_format": "png"}
+
+    @router.post("/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        if body.n not in (None, 1):
+            raise ApiError(400, "only n=1 is supported", "invalid_request", "invalid_request_error")
+        messages, images = parse_messages(body.messages)
+        cancel = threading.Event()
+
+        def begin() -> TextStream:  # routing may ask the chat model and decode an image: not on the event loop
+            if assistant is not None and body.model == "auto" and messages and messages[-1]["role"] == "user":
+                return routed_stream(assistant, body, messages, images, f"{request.base_url}outputs/", cancel)
+            return direct_stream(services, body, messages, images, cancel)
+
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streaming = False
+        try:
+            async with cancel_on_disconnect(request, cancel):
+                stream = await run_in_threadpool(begin)
+                if not body.stream:
+                    text = await run_in_threadpool(stream.text)
+                    return completion_body(completion_id, stream, text)
+                relay = PieceRelay(stream, cancel)
+                first = await relay.next()  # the model loads now, so a failure is an HTTP status
+                streaming = True
+        finally:
+            if not streaming:  # done, failed or abandoned: stop generating, release the model
+                cancel.set()
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        events = stream_events(relay, stream, cancel, completion_id, first, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def routed_stream(
+        assistant: Assistant,
+        body: ChatCompletionRequest,
+        messages: list[Message],
+        images: list[str],
+        outputs_url: str,
+        cancel: threading.Event,
+    ) -> TextStream:
+        """Model "auto": the last user message answered the way the Chat tab answers it."""
+        if len(images) > 1:
+            raise BadInputError("send one image per conversation; the vision model looks at one image at a time")
+        answer = assistant.answer(
+            messages[-1]["content"],
+            image=images[0] if images else None,
+            history=messages[:-1],
+            overrides=sampling_overrides(body),
+            grammar=grammar_for(body.response_format),
+            cancel=cancel,
+        )
+        if answer.drawing is not None:
+            return drawing_stream(answer.drawing, outputs_url, outputs_dir)
+        if answer.text is not None:
+            return answer.text
+        return fixed_stream(answer.decision.hint or "", "assistant")
+
+    return router
+
+
+@contextlib.asynccontextmanager
+async def cancel_on_disconnect(request: Request, cancel: threading.Event) -> AsyncIterator[None]:
+    """Set ``cancel`` if the client disconnects while the body of the ``async with`` runs."""
+
+    async def watch() -> None:
+        while not cancel.is_set():
+            if await request.is_disconnected():
+                cancel.set()
+                return
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+
+
+def answering_models(services: Services) -> list[CatalogEntry]:
+    """The models that can answer now (their files are present), the default chat model first.
+    The full inventory, missing models and where to put them, is the CLI's `models` command."""
+    present = [entry for entry in services.catalog() if entry.present]
+    try:
+        default = services.chat.resolve_model().name
+    except AppError:  # no chat model at all: the others still answer
+        default = None
+    present.sort(key=lambda entry: entry.name != default)  # stable: the catalog's order otherwise
+    auto = CatalogEntry("auto", "assistant", "", True)
+    return [*present[:1], auto, *present[1:]] if default else [auto, *present]
+
+
+def model_card(entry: CatalogEntry, services: Services) -> dict[str, Any]:
+    """One /v1/models entry: OpenAI's fields, plus what is loaded (never a filesystem path)."""
+    file_name = Path(entry.path).name if entry.path else None
+    loaded = next(
+        (m for m in services.manager.status().resident if m.kind == entry.capability and m.name == file_name),
+        None,
+    )
+    return {
+        "id": entry.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "local",
+        "capability": entry.capability,
+        "resident": loaded is not None,
+        "size_bytes": loaded.size_bytes if loaded else None,
+        "load_seconds": loaded.load_seconds if loaded else None,
+    }
+
+
+def outputs_name(path: Path, outputs_dir: Path) -> str:
+    """A saved image's place under /outputs/: day/name."""
+    return path.resolve().relative_to(outputs_dir.resolve()).as_posix()
+
+
+def fixed_stream(text: str, model_name: str) -> TextStream:
+    def pieces(stream: TextStream) -> Iterator[str]:
+        stream.model_name = model_name
+        stream.finish_reason = "stop"
+        yield text
+
+    return TextStream(pieces)
+
+
+def drawing_stream(drawing: PendingDrawing, outputs_url: str, outputs_dir: Path) -> TextStream:
+    """A drawing request answered in chat: the picture as a Markdown image linking to the saved PNG."""
+
+    def pieces(stream: TextStream) -> Iterator[str]:
+        done = drawing.draw()
+        result = done.result
+        stream.model_name = result.model
+        stream.finish_reason = "cancelled" if result.cancelled else "stop"
+        for item in result.images:
+            if item.path is not None:
+                yield f"![{done.prompt.prompt}]({outputs_url}{outputs_name(item.path, outputs_dir)})\n\n"
+        yield f"Prompt used: {done.prompt.prompt} (seed {', '.join(str(i.seed) for i in result.images)})"
+
+    return TextStream(pieces)
+
+
+def direct_stream(
+    services: Services,
+    body: ChatCompletionRequest,
+    messages: list[Message],
+    images: list[str],
+    cancel: threading.Event,
+) -> TextStream:
+    """A model asked for by name (or "auto" without the assistant): an image goes to the vision
+    model, text to the chat model."""
+    chat_names = services.chat.model_names()
+    vision_name = services.vision.model_name
+    if body.model not in ("auto", "chat", vision_name, *chat_names):
+        raise ApiError(404, f"unknown model '{body.model}'; GET /v1/models lists them", "model_not_found")
+    overrides = sampling_overrides(body)
+    if images or body.model == vision_name:
+        if not images:
+            raise BadInputError(f"{vision_name} answers questions about an image: add an image_url part")
+        if len(images) > 1:
+            raise BadInputError("send one image per conversation; the vision model looks at one image at a time")
+        if grammar_for(body.response_format) is not None:
+            raise BadInputError("response_format is supported for text chat only, not for questions about images")
+        services.vision.require_installed()
+        params = services.vision.defaults.override(**overrides)
+        return services.vision.stream(images[0], messages, params, cancel=cancel)
+    model = None if body.model in ("auto", "chat") else body.model
+    params = services.chat.defaults.override(**overrides)
+    return services.chat.stream(messages, params, cancel=cancel, model=model, grammar=grammar_for(body.response_format))

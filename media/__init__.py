@@ -1,0 +1,1 @@
+"""Checking and decoding media that clients upload, before any model sees it."""
