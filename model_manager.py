@@ -36,7 +36,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -469,7 +469,6 @@ class ModelManager:
         entry = self._perform(outcome, cancel) if isinstance(outcome, _Transition) else outcome
         assert isinstance(entry, _Entry)
         if cancel is not None and cancel.is_set():  # cancelled while it loaded: it stays, for others
-            self._check_in(entry)
             self._raise_if_cancelled(spec, cancel)
         return entry
 
@@ -573,6 +572,10 @@ class ModelManager:
                 continue
             blocked_devices.add(device)
             if plan.wait_for:
+                # Reserve what it waits for and the idle models it will evict once those are idle,
+                # or a request behind could take one of them and make it wait again.
+                once_idle = [replace(r, in_use=False) if r.key in plan.wait_for else r for r in resident]
+                reserved.update(plan_eviction(ticket.needed, once_idle, self.policy, budget).evict)  # type: ignore[arg-type]
                 reserved.update(plan.wait_for)  # type: ignore[arg-type]
                 continue
             self._queue.remove(ticket)
@@ -710,13 +713,15 @@ class ModelManager:
         """On a GPU the driver frees memory asynchronously: poll briefly before the next load."""
         if before is None:
             return 0
-        freed = before - (_measure(probe) or before)
+        after = _measure(probe)  # 0 is a reading; only None means the probe failed
+        freed = 0 if after is None else before - after
         if probe.device != "cuda":
             return max(0, freed)
         deadline = time.monotonic() + 2.0
         while freed < 0.9 * expected and time.monotonic() < deadline:
             time.sleep(0.05)
-            freed = before - (_measure(probe) or before)
+            after = _measure(probe)
+            freed = 0 if after is None else before - after
         return max(0, freed)
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import shutil
@@ -17,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import RunningApp, start_app, stop_app, write_config
+from tests.conftest import ROOT, RunningApp, start_app, stop_app, write_config
 from tests.openai_schema import validate
 
 SCHEMA = {
@@ -35,15 +36,30 @@ def ask(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def test_models_lists_every_configured_model(running_app: RunningApp) -> None:
+def test_models_lists_the_models_that_can_answer_the_default_first(running_app: RunningApp) -> None:
     body = httpx.get(f"{running_app.url}/v1/models").json()
     validate(body, "ListModelsResponse")
-    by_id = {m["id"]: m for m in body["data"]}
-    assert by_id["SmolLM2-135M-Instruct"]["present"] is True
-    assert by_id["SmolLM2-135M-Instruct"]["capability"] == "chat"
-    assert by_id["mistral-7b-instruct-v0.2.Q4_K_M"]["present"] is False
+    ids = [m["id"] for m in body["data"]]
+    # The configured Mistral file is absent: the embedded model answers, so it comes first.
+    assert ids[0] == "SmolLM2-135M-Instruct" and body["data"][0]["capability"] == "chat"
+    assert "auto" in ids and "mistral-7b-instruct-v0.2.Q4_K_M" not in ids
     listed = client_for(running_app).models.list()
-    assert {m.id for m in listed.data} == set(by_id)
+    assert [m.id for m in listed.data] == ids
+    # A generic client that takes the first model gets an answer, not a 404.
+    reply = client_for(running_app).chat.completions.create(model=ids[0], messages=ask("hi"), max_tokens=4)
+    assert reply.choices[0].message.content is not None
+
+
+def test_no_response_reveals_where_the_server_keeps_its_files(running_app: RunningApp) -> None:
+    models = httpx.get(f"{running_app.url}/v1/models").text
+    status = httpx.get(f"{running_app.url}/api/status").text
+    missing = httpx.post(
+        f"{running_app.url}/v1/chat/completions",
+        json={"model": "mistral-7b-instruct-v0.2.Q4_K_M", "messages": ask("hi")},
+    )
+    assert missing.status_code == 404 and "mistral-7b-instruct-v0.2.Q4_K_M.gguf" in missing.text
+    for text in (models, status, missing.text):
+        assert str(ROOT) not in text and "/tmp/" not in text and "site-packages" not in text, text
 
 
 def test_chat_completion_not_streamed(running_app: RunningApp) -> None:
@@ -193,7 +209,7 @@ def test_eight_concurrent_chats_are_all_answered(running_app: RunningApp) -> Non
     assert not errors, errors
     assert sorted(answers) == list(range(8)) and all(a.strip() for a in answers.values())
     resident = httpx.get(f"{running_app.url}/api/status").json()["resident"]
-    assert len(resident) == 1 and resident[0]["refs"] == 0 and resident[0]["state"] == "ready"
+    assert len(resident) == 1 and not resident[0]["in_use"] and resident[0]["state"] == "ready"
 
 
 def wait_until_idle(app: RunningApp, timeout_s: float, key: str | None = None) -> bool:
@@ -201,25 +217,47 @@ def wait_until_idle(app: RunningApp, timeout_s: float, key: str | None = None) -
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         resident = httpx.get(f"{app.url}/api/status", headers=headers).json()["resident"]
-        if all(m["refs"] == 0 for m in resident):
+        if not any(m["in_use"] for m in resident):
             return True
         time.sleep(0.1)
     return False
 
 
+# A JSON array of at least 1500 items: the grammar forbids the reply to end early, so a reply
+# that stops before its max_tokens (about 1900 here, tens of seconds) was stopped by us.
+ENDLESS = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "numbers",
+        "schema": {"type": "array", "items": {"type": "integer", "enum": [7]}, "minItems": 1500},
+    },
+}
+
+
+def long_reply_body(stream: bool) -> dict:
+    return {"messages": ask("Count."), "max_tokens": 4000, "stream": stream, "response_format": ENDLESS}
+
+
+def chat_in_use(app: RunningApp, key: str | None = None) -> bool:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    resident = httpx.get(f"{app.url}/api/status", headers=headers).json()["resident"]
+    return any(m["in_use"] for m in resident if m["kind"] == "chat")
+
+
 def test_a_client_that_disconnects_mid_stream_stops_generation(running_app: RunningApp) -> None:
-    with httpx.stream(
-        "POST",
-        f"{running_app.url}/v1/chat/completions",
-        json={"messages": ask("Write a very long story about the sea."), "max_tokens": 1500, "stream": True},
-        timeout=60,
-    ) as response:
-        lines = response.iter_lines()
+    with httpx.stream("POST", f"{running_app.url}/v1/chat/completions", json=long_reply_body(True), timeout=60) as r:
+        lines = r.iter_lines()
         for _ in range(5):
             next(lines)
-        in_use = httpx.get(f"{running_app.url}/api/status").json()["resident"][0]["refs"]
-    assert in_use == 1
-    # 1500 tokens take over ten seconds here; released within three means generation stopped.
+        assert chat_in_use(running_app)
+    # The forced reply takes tens of seconds; released within three means generation stopped.
+    assert wait_until_idle(running_app, timeout_s=3.0)
+
+
+def test_a_client_that_disconnects_from_a_non_streamed_request_stops_generation(running_app: RunningApp) -> None:
+    client_for(running_app).chat.completions.create(model="auto", messages=ask("hi"), max_tokens=1)  # loaded
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after two seconds and closes the connection
+        httpx.post(f"{running_app.url}/v1/chat/completions", json=long_reply_body(False), timeout=2.0)
     assert wait_until_idle(running_app, timeout_s=3.0)
 
 
@@ -257,9 +295,9 @@ def test_api_key_is_required_when_configured(guarded_app: RunningApp) -> None:
 def test_busy_model_gives_503_with_retry_after(guarded_app: RunningApp) -> None:
     client = client_for(guarded_app, "s3cret")
     stream = client.chat.completions.create(
-        model="other", messages=ask("Write a very long story."), max_tokens=1500, stream=True
+        model="other", messages=ask("Count."), max_tokens=4000, stream=True, response_format=ENDLESS
     )
-    next(iter(stream))  # "other" is now loaded and in use
+    next(iter(stream))  # "other" is now loaded and in use for tens of seconds
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=ask("hi"), max_tokens=4)
     stream.close()
@@ -337,7 +375,29 @@ def test_images_generate_with_a_url_serves_the_saved_png(running_app: RunningApp
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
     parameters = Image.open(io.BytesIO(fetched.content)).text["parameters"]
     assert "a lighthouse" in parameters and "film-grain" in parameters
-    assert httpx.get(f"{running_app.url}/outputs/../config.yaml").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        "/outputs/../config.yaml",
+        "/outputs/..%2fconfig.yaml",
+        "/outputs/%2e%2e/config.yaml",
+        "/outputs/%2e%2e/%2e%2e/main.py",
+        "/outputs/..%2f..%2fetc/passwd",
+        "/outputs/x/..%2f..%2f..%2fconfig.yaml",
+    ],
+)
+def test_outputs_never_serve_a_file_outside_the_outputs_folder(running_app: RunningApp, raw_path: str) -> None:
+    # http.client sends the path as written: httpx and browsers would remove the ".." first.
+    host, port = running_app.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.request("GET", raw_path)
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    assert response.status in (400, 404), (raw_path, response.status)
+    assert b"models_dir" not in body and b"import" not in body and b"root:" not in body
 
 
 def test_bad_image_requests_get_clear_errors(running_app: RunningApp) -> None:
@@ -397,11 +457,53 @@ def test_model_auto_answers_a_bare_command_with_a_hint(running_app: RunningApp) 
 def test_a_request_waiting_too_long_for_the_same_busy_model_gets_503(guarded_app: RunningApp) -> None:
     client = client_for(guarded_app, "s3cret")
     stream = client.chat.completions.create(
-        model="other", messages=ask("Write a very long story."), max_tokens=1500, stream=True
+        model="other", messages=ask("Count."), max_tokens=4000, stream=True, response_format=ENDLESS
     )
     next(iter(stream))  # "other" is generating; the server waits wait_timeout_s (1 s) for it
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model="other", messages=ask("hi"), max_tokens=4)
     stream.close()
-    assert caught.value.status_code == 503 and "stayed busy" in caught.value.message
+    assert caught.value.status_code == 503 and "not free within 1 s" in caught.value.message
     assert wait_until_idle(guarded_app, timeout_s=5.0, key="s3cret")
+
+
+def load_counts(app: RunningApp) -> dict[str, int]:
+    return httpx.get(f"{app.url}/api/status").json()["load_counts"]
+
+
+def test_a_request_whose_client_leaves_while_it_waits_never_loads_its_model(running_app: RunningApp) -> None:
+    with httpx.stream("POST", f"{running_app.url}/v1/chat/completions", json=long_reply_body(True), timeout=60) as r:
+        next(r.iter_lines())  # the chat model is loaded and busy for tens of seconds
+        before = load_counts(running_app)
+        # A drawing needs the chat model unloaded first (one at a time): it waits, then its client leaves.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{running_app.url}/v1/images/generations",
+                json={"prompt": "a tree", "size": "64x64", "steps": 1},
+                timeout=1.5,
+            )
+        time.sleep(1.0)  # time for the server to notice
+        waiting = httpx.get(f"{running_app.url}/api/status").json()["waiting"]
+    assert waiting == 0  # it left the queue while the chat model was still busy
+    assert wait_until_idle(running_app, timeout_s=3.0)
+    time.sleep(0.5)
+    status = httpx.get(f"{running_app.url}/api/status").json()
+    assert load_counts(running_app) == before  # nothing loaded for the request that left
+    assert [m["kind"] for m in status["resident"]] == ["chat"]  # and the chat model was not evicted for it
+
+
+@pytest.fixture(scope="module")
+def small_budget_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+    folder = tmp_path_factory.mktemp("small-budget")
+    config = write_config(folder, manager={"cpu_memory_budget_gb": 0.01})
+    app = start_app(config, folder / "app.log")
+    yield app
+    stop_app(app)
+
+
+def test_a_model_that_can_never_fit_is_a_400_with_the_numbers(small_budget_app: RunningApp) -> None:
+    error = expect_error(
+        400, client_for(small_budget_app).chat.completions.create, model="auto", messages=ask("hi"), max_tokens=4
+    )
+    assert error["code"] == "model_too_large"
+    assert "GiB" in error["message"] and "cpu_memory_budget_gb" in error["message"]

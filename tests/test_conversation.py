@@ -62,6 +62,8 @@ class Template:
     eos: str
     bos: str
     tail: str  # what follows the last user message: the end of its turn and the generation prompt
+    # (what opens a turn, what ends its role name, the assistant's role name); None: no role names
+    turn: tuple[str, str, str] | None = None
 
 
 TEMPLATES = [
@@ -72,9 +74,14 @@ TEMPLATES = [
         "<|eot_id|>",
         "<|begin_of_text|>",
         "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        ("<|start_header_id|>", "<|end_header_id|>", "assistant"),
     ),
-    Template("chatml", CHATML, "<|im_end|>", "", "<|im_end|>\n<|im_start|>assistant\n"),
-    Template("gemma", GEMMA, "<eos>", "<bos>", "<end_of_turn>\n<start_of_turn>model\n"),
+    Template(
+        "chatml", CHATML, "<|im_end|>", "", "<|im_end|>\n<|im_start|>assistant\n", ("<|im_start|>", "\n", "assistant")
+    ),
+    Template(
+        "gemma", GEMMA, "<eos>", "<bos>", "<end_of_turn>\n<start_of_turn>model\n", ("<start_of_turn>", "\n", "model")
+    ),
 ]
 
 
@@ -222,11 +229,18 @@ def conversations(draw: st.DrawFn) -> list[Message]:
 
 
 def assert_rendered(prompt: str, template: Template, messages: list[Message]) -> None:
-    """Every system and user text is in the prompt, and the last user message comes last."""
+    """Every system and user text is in the prompt, the last user message comes last, and the
+    model sees one system turn at most, then user and assistant turns in turn."""
     for message in messages:
         if message["role"] != "assistant" and message["content"].strip():
             assert message["content"] in prompt, f"{message['role']} text {message['content']!r} is lost"
     assert prompt.endswith(messages[-1]["content"] + template.tail)
+    if template.turn is not None:
+        opener, role_end, answer = template.turn
+        roles = [piece.split(role_end, 1)[0] for piece in prompt.split(opener)[1:]]
+        if roles[:1] == ["system"]:
+            roles = roles[1:]
+        assert roles == ["user", answer] * (len(roles) // 2), roles
 
 
 EXAMPLES = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -281,9 +295,9 @@ def test_a_template_that_drops_the_system_turn_silently_gets_it_in_the_first_use
 
 
 def test_a_template_that_still_refuses_names_the_remaining_problem() -> None:
-    # Mistral's template plus a rule about content that no tidying can satisfy.
+    # Mistral's template, then a rule about content that no tidying can satisfy.
     picky = "{% if 'forbidden' in messages[-1]['content'] %}{{ raise_exception('no forbidden words') }}{% endif %}"
-    render = chat_renderer(picky + MISTRAL_V02, "</s>", "<s>")
+    render = chat_renderer(MISTRAL_V02 + picky, "</s>", "<s>")
     with pytest.raises(BadInputError, match=r"^the model's chat template refuses .*\(no forbidden words\)") as error:
         render([system("Be brief."), assistant("Hi"), user("a"), user("a forbidden word")])
     assert "alternate" not in str(error.value)

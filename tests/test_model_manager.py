@@ -732,6 +732,53 @@ def test_a_stream_of_requests_for_the_busy_model_does_not_starve_a_load_waiting_
     assert_consistent(h)
 
 
+def test_a_model_a_load_waits_to_see_idle_is_not_lent_to_a_later_request() -> None:
+    """vram_budget: X needs both busy A and C evicted. When A goes idle first, a later request for A
+    does not get it (X would then wait for A again); X loads once C is idle too, then A is served."""
+    sizes = {"a": 4 * GIB, "c": 4 * GIB, "b": 8 * GIB}
+    h = make(policy="vram_budget", budget_gib=10, sizes=sizes)
+    a_holder, a_release = start_holding(h, spec("a"))
+    c_holder, c_release = start_holding(h, spec("c"))
+    order: list[str] = []
+    x = Worker(use(h, spec("b"), order, "x")).start()
+    wait_queued(h, 1)
+    late = Worker(use(h, spec("a"), order, "a-late")).start()
+    wait_queued(h, 2)
+    a_release.set()
+    a_holder.join()
+    time.sleep(0.1)
+    assert order == [], "the later request took A, which the load ahead of it waits to evict"
+    c_release.set()
+    for worker in (c_holder, x, late):
+        worker.join()
+        assert worker.error is None, worker.error
+    assert order == ["x", "a-late"]
+    assert h.loader.max_live_bytes <= 10 * GIB
+    assert_consistent(h)
+
+
+def test_a_later_load_does_not_take_the_memory_an_earlier_load_waits_for() -> None:
+    """vram_budget: X waits for the busy A to make room for B. C would fit beside A right now, but
+    loading it would take the room X waits for: C is loaded after X."""
+    sizes = {"a": 6 * GIB, "b": 7 * GIB, "c": 4 * GIB}
+    h = make(policy="vram_budget", budget_gib=10, sizes=sizes)
+    holder, release = start_holding(h, spec("a"))
+    order: list[str] = []
+    x = Worker(use(h, spec("b"), order, "x")).start()
+    wait_queued(h, 1)
+    y = Worker(use(h, spec("c"), order, "y")).start()
+    wait_queued(h, 2)
+    time.sleep(0.1)
+    assert order == [], "a later load went ahead of the load waiting for memory"
+    release.set()
+    for worker in (holder, x, y):
+        worker.join()
+        assert worker.error is None, worker.error
+    assert order == ["x", "y"]
+    assert h.loader.max_live_bytes <= 10 * GIB
+    assert_consistent(h)
+
+
 def test_a_full_queue_is_refused_at_once_as_busy() -> None:
     h = make(max_queue=2, wait_timeout_s=30)
     holder, release = start_holding(h, spec("a"))

@@ -33,6 +33,7 @@ class ChatTab:
     temperature: gr.Slider
     top_p: gr.Slider
     max_tokens: gr.Slider
+    repeat_penalty: gr.Slider
     seed: gr.Number
 
 
@@ -62,9 +63,14 @@ def build_chat_tab(chat: ChatService, system_prompt: str) -> ChatTab:
             temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature")
             top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.01, label="Top p")
             max_tokens = gr.Slider(1, 4096, value=defaults.max_tokens, step=1, label="Max new tokens")
+            repeat_penalty = gr.Slider(
+                0.5, 2, value=defaults.repeat_penalty, step=0.05, label="Repeat penalty (1: off)"
+            )
             seed = gr.Number(value=defaults.seed, precision=0, label="Seed (-1: random)")
     active_image = gr.State(None)
-    return ChatTab(chatbot, message, active_image, stop, clear, system, temperature, top_p, max_tokens, seed)
+    return ChatTab(
+        chatbot, message, active_image, stop, clear, system, temperature, top_p, max_tokens, repeat_penalty, seed
+    )
 
 
 def note(decision: RouteDecision, text: str = "") -> dict[str, Any]:
@@ -100,6 +106,7 @@ def make_chat_handler(assistant: Assistant, running: dict[str, threading.Event])
         temperature: float,
         top_p: float,
         max_tokens: float,
+        repeat_penalty: float,
         seed: float,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way to ask for a progress bar
@@ -116,6 +123,7 @@ def make_chat_handler(assistant: Assistant, running: dict[str, threading.Event])
             "temperature": temperature,
             "top_p": top_p,
             "max_tokens": int(max_tokens),
+            "repeat_penalty": repeat_penalty,
             "seed": int(seed) if seed is not None else None,
         }
         try:
@@ -213,6 +221,7 @@ def wire_chat_tab(tab: ChatTab, assistant: Assistant, after: Callable[[Any], Non
         tab.temperature,
         tab.top_p,
         tab.max_tokens,
+        tab.repeat_penalty,
         tab.seed,
     ]
     outputs = [tab.message, tab.chatbot, tab.active_image]
