@@ -469,6 +469,7 @@ class ModelManager:
         entry = self._perform(outcome, cancel) if isinstance(outcome, _Transition) else outcome
         assert isinstance(entry, _Entry)
         if cancel is not None and cancel.is_set():  # cancelled while it loaded: it stays, for others
+            self._check_in(entry)
             self._raise_if_cancelled(spec, cancel)
         return entry
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import gradio as gr
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import key_matches, require_api_key
 from api.errors import ApiError, api_error_for, error_response
@@ -54,13 +54,7 @@ def create_app(
         message = f"invalid request: '{where}': {first.get('msg', 'bad value')}" if where else "invalid request body"
         return error_response(ApiError(400, message, "invalid_request"))
 
-    @app.middleware("http")
-    async def limit_body_size(request: Request, call_next: Callable[..., Any]) -> Any:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_body:
-            message = f"the request is {int(length) / 2**20:.1f} MB; the limit is {server.max_request_mb:g} MB"
-            return error_response(ApiError(413, message + " (server.max_request_mb)", "request_too_large"))
-        return await call_next(request)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body, limit_mb=server.max_request_mb)
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -98,3 +92,26 @@ def create_app(
             auth=(lambda _user, password: key_matches(password, server.api_key)) if server.api_key else None,
         )
     return app
+
+
+class BodySizeLimit:
+    """Refuses a request whose declared body is over the limit, before anything reads it.
+
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware would wrap the request's receive
+    channel, and routes could no longer notice that their client disconnected.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, limit_mb: float) -> None:
+        self._app = app
+        self._max_bytes = max_bytes
+        self._limit_mb = limit_mb
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self._max_bytes:
+                message = f"the request is {int(length) / 2**20:.1f} MB; the limit is {self._limit_mb:g} MB"
+                response = error_response(ApiError(413, message + " (server.max_request_mb)", "request_too_large"))
+                await response(scope, receive, send)
+                return
+        await self._app(scope, receive, send)

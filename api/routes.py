@@ -81,7 +81,7 @@ def openai_router(
         cancel = threading.Event()
 
         def begin() -> TextStream:  # routing may ask the chat model and decode an image: not on the event loop
-            if assistant is not None and body.model == "auto" and messages and messages[-1]["role"] == "user":
+            if assistant is not None and body.model == "auto" and routable(messages, images):
                 return routed_stream(assistant, body, messages, images, f"{request.base_url}outputs/", cancel)
             return direct_stream(services, body, messages, images, cancel)
 
@@ -129,6 +129,13 @@ def openai_router(
         return fixed_stream(answer.decision.hint or "", "assistant")
 
     return router
+
+
+def routable(messages: list[Message], images: list[str]) -> bool:
+    """Whether model "auto" routes the request: a last user message with text or an image (an empty
+    message goes on to the chat service, which refuses it with a 400)."""
+    last = messages[-1] if messages else None
+    return last is not None and last["role"] == "user" and bool(last["content"].strip() or images)
 
 
 @contextlib.asynccontextmanager

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 from chat import ChatService, find_embedded_model, physical_cores
 from text_generation.stream import GenerationParams
-from model_manager import ModelManager, detect_memory_probe
+from model_manager import GIB, ModelManager, detect_devices
 from settings import ChatSettings
 
 QUESTIONS = [
@@ -59,7 +59,7 @@ def main() -> None:
     from llama_cpp import Llama
 
     threads = physical_cores()
-    manager = ModelManager(probe=detect_memory_probe(), keep_alive_s=-1)
+    manager = ModelManager(devices=detect_devices(24 * GIB), keep_alive_s=-1)
     chat = ChatService(manager, ChatSettings(context_size=args.context, threads=threads), model_path)
     params = GenerationParams(temperature=0.0, top_p=1.0, max_tokens=args.max_tokens, seed=1, repeat_penalty=1.0)
     spec = chat.load_spec(model_path)

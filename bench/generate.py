@@ -30,7 +30,7 @@ import numpy as np
 
 from generator import ImageRequest, ImageService
 from stable_diffusion.request import SCHEDULERS
-from model_manager import ModelManager, detect_memory_probe
+from model_manager import GIB, ModelManager, detect_devices
 from stable_diffusion.models import ImageModel
 from stable_diffusion.pipeline import make_scheduler
 from settings import ImageDefaults, ImageSettings
@@ -78,7 +78,7 @@ def main() -> None:
             max_size=max(size, 2048),
             defaults=ImageDefaults(width=size, height=size, scheduler=args.scheduler, seed=1),
         )
-        manager = ModelManager(probe=detect_memory_probe(), keep_alive_s=-1)
+        manager = ModelManager(devices=detect_devices(24 * GIB), keep_alive_s=-1)
         service = ImageService(manager, settings, Path(scratch), config_dirs=config_dirs)
         bench(service, manager, args, size, tiny)
         manager.close()

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from chat import physical_cores
-from model_manager import ModelManager, detect_memory_probe
+from model_manager import GIB, ModelManager, detect_devices
 from settings import VisionSettings
 from text_generation.stream import GenerationParams
 from vision import VisionService, precision_arguments
@@ -84,7 +84,7 @@ def main() -> None:
 def run(folder: Path, args: argparse.Namespace) -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    manager = ModelManager(probe=detect_memory_probe(), keep_alive_s=-1)
+    manager = ModelManager(devices=detect_devices(24 * GIB), keep_alive_s=-1)
     vision = VisionService(manager, VisionSettings(precision=args.precision), folder)
     spec = vision.load_spec()
     precision, device = spec.option("precision"), spec.option("device")
@@ -128,28 +128,30 @@ def compare(
     runs: int,
 ) -> tuple[float, dict[str, dict[str, list[float]]]]:
     """Load time of ours, and the timed runs of both sides on the weights the manager loaded."""
-    with manager.acquire(vision.load_spec()) as loaded:  # held through the run: both sides use these weights
+    # Borrowed once to load; the raw side then uses the same weights (the manager keeps them: keep_alive -1),
+    # while ours borrows them again through the service.
+    with manager.acquire(vision.load_spec()) as loaded:
         model = loaded.model
 
-        def raw(question: str) -> tuple[int, float, float]:
-            started = time.perf_counter()
-            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-            inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device, dtype=model.dtype)
-            output = model.generate(**inputs, max_new_tokens=params.max_tokens, do_sample=False, repetition_penalty=1.0)
-            synchronise()
-            return output.shape[1] - inputs["input_ids"].shape[1], 0.0, time.perf_counter() - started
+    def raw(question: str) -> tuple[int, float, float]:
+        started = time.perf_counter()
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device, dtype=model.dtype)
+        output = model.generate(**inputs, max_new_tokens=params.max_tokens, do_sample=False, repetition_penalty=1.0)
+        synchronise()
+        return output.shape[1] - inputs["input_ids"].shape[1], 0.0, time.perf_counter() - started
 
-        def ours(question: str) -> tuple[int, float, float]:
-            started = time.perf_counter()
-            first = 0.0
-            stream = vision.stream(image, [{"role": "user", "content": question}], params)
-            for _ in stream:
-                first = first or time.perf_counter() - started
-            synchronise()
-            return stream.completion_tokens, first, time.perf_counter() - started
+    def ours(question: str) -> tuple[int, float, float]:
+        started = time.perf_counter()
+        first = 0.0
+        stream = vision.stream(image, [{"role": "user", "content": question}], params)
+        for _ in stream:
+            first = first or time.perf_counter() - started
+        synchronise()
+        return stream.completion_tokens, first, time.perf_counter() - started
 
-        return manager.status().resident[0].load_seconds, measure({"raw": raw, "ours": ours}, runs)
+    return manager.status().resident[0].load_seconds, measure({"raw": raw, "ours": ours}, runs)
 
 
 def measure(

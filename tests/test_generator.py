@@ -26,7 +26,7 @@ import generator
 from chat import ChatService
 from errors import BadInputError, ModelLoadError, ModelMissingError
 from generator import ImageRequest, ImageService
-from model_manager import CpuMemoryProbe, ModelManager
+from model_manager import ModelManager
 from settings import ChatSettings, ImageDefaults, ImageSettings
 from stable_diffusion.lora import parse_prompt_loras
 from stable_diffusion.metadata import parse_parameters, read_png_parameters, request_from_parameters
@@ -74,7 +74,7 @@ def make_service(
         **settings,
     }
     return ImageService(
-        manager or ModelManager(probe=CpuMemoryProbe(), keep_alive_s=-1),
+        manager or ModelManager(keep_alive_s=-1),
         ImageSettings(**options),
         tmp_path / "models",
         device="cpu",
@@ -240,7 +240,7 @@ def test_cancel_stops_between_steps_and_keeps_finished_images(sd15: ImageService
     assert result.cancelled
     assert steps[-1] == 7, "no step ran after the cancel"
     assert [image.seed for image in result.images] == [3]
-    assert all(m.refs == 0 for m in sd15._manager.status().resident)
+    assert all(not m.in_use for m in sd15._manager.status().resident)
     already = sd15.generate(ImageRequest(PROMPT), cancel=cancel)
     assert already.cancelled and already.images == ()
 
@@ -489,7 +489,7 @@ def test_precision_follows_the_device(tiny: Tiny, tmp_path: Path) -> None:
     cpu = make_service(tiny, tiny.sd15.single_file, tmp_path)
     spec = cpu.load_spec(cpu.resolve_model())
     assert (spec.option("device"), spec.option("dtype"), spec.option("family")) == ("cpu", "float32", "sd15")
-    gpu = ImageService(ModelManager(probe=CpuMemoryProbe()), ImageSettings(model=str(tiny.sd15.folder)), tmp_path,
+    gpu = ImageService(ModelManager(), ImageSettings(model=str(tiny.sd15.folder)), tmp_path,
                        device="cuda")  # fmt: skip
     assert gpu.load_spec(gpu.resolve_model()).option("dtype") == "float16"
     assert ImageService(ModelManager(), ImageSettings(), tmp_path).device in ("cpu", "cuda")
@@ -514,7 +514,7 @@ def test_images_saved_before_a_failure_stay_saved(sd15: ImageService, tmp_path: 
     saved = sorted((tmp_path / "outputs").glob("*/*.png"))
     assert [p.name for p in saved] == ["00001-20.png"]
     assert read_png_parameters(saved[0])["seed"] == 20
-    assert all(m.refs == 0 for m in sd15._manager.status().resident)
+    assert all(not m.in_use for m in sd15._manager.status().resident)
 
 
 # ----------------------------------------------------------------------------
@@ -596,7 +596,7 @@ def test_a_missing_model_says_what_to_place_where(tiny: Tiny, tmp_path: Path) ->
 
 
 def test_chat_and_image_models_take_turns_on_one_manager(tiny: Tiny, tmp_path: Path, embedded_model: Path) -> None:
-    manager = ModelManager(policy="one_at_a_time", probe=CpuMemoryProbe(), keep_alive_s=-1)
+    manager = ModelManager(policy="one_at_a_time", keep_alive_s=-1)
     chat = ChatService(manager, ChatSettings(context_size=512), embedded_model)
     images = make_service(tiny, tiny.sd15.folder, tmp_path, manager=manager)
     greedy = GenerationParams(temperature=0.0, max_tokens=8, seed=1)

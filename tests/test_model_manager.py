@@ -1391,7 +1391,6 @@ def test_vram_budget_evicts_an_idle_model_but_not_the_one_in_use() -> None:
     h.clock.advance(1)
     # A is the most recently used, but B is idle: B goes, A stays.
     with h.manager.acquire(spec("c")):
-        assert not holder.result or not holder.result.closed
         assert not h.loader.live[spec("a")].closed
     release.set()
     holder.join()
@@ -1639,10 +1638,9 @@ def test_keep_alive_zero_hands_the_model_to_a_queued_request_instead_of_unloadin
     h = make(keep_alive_s=0)
     holder, release = start_holding(h, spec("a"))
 
-    def use_a() -> bool:
+    def use_a() -> tuple[FakeModel, bool]:
         with h.manager.acquire(spec("a")) as model:
-            assert model is holder.result or holder.result is None
-            return model.closed
+            return model, model.closed
 
     waiter = Worker(use_a).start()
     wait_queued(h, 1)
@@ -1650,7 +1648,9 @@ def test_keep_alive_zero_hands_the_model_to_a_queued_request_instead_of_unloadin
     for worker in (holder, waiter):
         worker.join()
         assert worker.error is None, worker.error
-    assert waiter.result is False, "the model was closed while the queued request used it"
+    model, closed_while_used = waiter.result
+    assert model is holder.result
+    assert not closed_while_used, "the model was closed while the queued request used it"
     assert h.loader.loads[spec("a")] == 1, "the model was unloaded between its two users"
     assert holder.result.closed, "keep_alive_s 0 unloads once nobody uses or waits for the model"
     assert h.manager.status().resident == ()
@@ -1778,7 +1778,6 @@ def test_stress_two_devices_with_random_cancels(policy: str) -> None:
             roll = rng.random()
             if roll < 0.1:
                 cancel.set()
-                outcome = "cancelled-before"
             elif roll < 0.4:
                 timer = threading.Timer(rng.uniform(0, 0.01), cancel.set)
                 timer.start()

@@ -19,7 +19,7 @@ from tiny_llava import IMAGE_TOKEN, IMAGE_TOKENS, build_tiny_llava
 
 from chat import ChatService
 from errors import BadInputError, ModelLoadError, ModelMissingError, TooLargeError
-from model_manager import CpuMemoryProbe, LoadSpec, ModelManager
+from model_manager import LoadSpec, ModelManager
 from settings import ChatSettings, VisionSettings
 from text_generation.stream import GenerationParams, Message
 from vision import (
@@ -43,7 +43,7 @@ def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_service(folder: Path, manager: ModelManager | None = None, **settings: Any) -> VisionService:
-    manager = manager or ModelManager(probe=CpuMemoryProbe(), keep_alive_s=-1)
+    manager = manager or ModelManager(keep_alive_s=-1)
     return VisionService(manager, VisionSettings(**settings), folder, cuda_available=lambda: False)
 
 
@@ -227,7 +227,7 @@ def test_cancel_stops_early_and_releases_the_model(service: VisionService, pictu
     assert stream.finish_reason == "cancelled"
     assert len(received) == 2
     assert stream.completion_tokens < 300
-    assert all(model.refs == 0 for model in service._manager.status().resident)
+    assert all(not model.in_use for model in service._manager.status().resident)
     assert not any(thread.name == "vision-generate" for thread in threading.enumerate())
 
 
@@ -245,9 +245,9 @@ def test_closing_the_stream_early_stops_generation_and_releases_the_model(
 ) -> None:
     stream = service.stream(picture, ask("Count to a hundred."), GREEDY.override(max_tokens=300))
     next(iter(stream))
-    assert service._manager.status().resident[0].refs == 1
+    assert service._manager.status().resident[0].in_use
     stream.close()
-    assert service._manager.status().resident[0].refs == 0
+    assert service._manager.status().resident[0].in_use is False
     assert not any(thread.name == "vision-generate" for thread in threading.enumerate())
 
 
@@ -338,7 +338,7 @@ def test_precision_and_device_are_chosen_with_a_notice_when_it_matters(
 
 
 def test_the_load_spec_names_precision_and_device(tiny_llava: Path) -> None:
-    manager = ModelManager(probe=CpuMemoryProbe())
+    manager = ModelManager()
     on_gpu = VisionService(
         manager, VisionSettings(), tiny_llava, cuda_available=lambda: True, bitsandbytes_available=lambda: True
     )
@@ -460,7 +460,7 @@ def test_truncated_weights_are_a_load_error_and_nothing_stays_loaded(
 
 
 def test_chat_and_vision_swap_one_at_a_time(tiny_llava: Path, embedded_model: Path, picture: Image.Image) -> None:
-    manager = ModelManager(policy="one_at_a_time", probe=CpuMemoryProbe(), keep_alive_s=-1)
+    manager = ModelManager(policy="one_at_a_time", keep_alive_s=-1)
     chat = ChatService(manager, ChatSettings(context_size=512, threads=1), embedded_model)
     vision = make_service(tiny_llava, manager)
     chat_label, vision_label = f"chat:{embedded_model.name}", "vision:tiny-llava"
