@@ -467,6 +467,34 @@ def test_a_request_waiting_too_long_for_the_same_busy_model_gets_503(guarded_app
     assert wait_until_idle(guarded_app, timeout_s=5.0, key="s3cret")
 
 
+def load_counts(app: RunningApp) -> dict[str, int]:
+    return httpx.get(f"{app.url}/api/status").json()["load_counts"]
+
+
+def test_a_request_whose_client_leaves_while_it_waits_never_loads_its_model(running_app: RunningApp) -> None:
+    with httpx.stream("POST", f"{running_app.url}/v1/chat/completions", json=long_reply_body(True), timeout=60) as r:
+        lines = r.iter_lines()  # kept: dropping the iterator would close the connection
+        next(lines)  # the chat model is loaded and busy for tens of seconds
+        assert chat_in_use(running_app)
+        before = load_counts(running_app)
+        # A drawing needs the chat model unloaded first (one at a time): it waits, then its client leaves.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{running_app.url}/v1/images/generations",
+                json={"prompt": "a tree", "size": "64x64", "steps": 1},
+                timeout=1.5,
+            )
+        time.sleep(1.0)  # time for the server to notice
+        status = httpx.get(f"{running_app.url}/api/status").json()
+        assert status["waiting"] == 0  # it left the queue
+        assert chat_in_use(running_app), "the chat reply should still be running"
+    assert wait_until_idle(running_app, timeout_s=3.0)
+    time.sleep(0.5)
+    status = httpx.get(f"{running_app.url}/api/status").json()
+    assert load_counts(running_app) == before  # nothing loaded for the request that left
+    assert [m["kind"] for m in status["resident"]] == ["chat"]  # and the chat model was not evicted for it
+
+
 @pytest.fixture(scope="module")
 def small_budget_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
     folder = tmp_path_factory.mktemp("small-budget")
