@@ -488,7 +488,7 @@ def test_hashes_follow_automatic1111(tiny: Tiny, tmp_path: Path) -> None:
 def test_precision_follows_the_device(tiny: Tiny, tmp_path: Path) -> None:
     cpu = make_service(tiny, tiny.sd15.single_file, tmp_path)
     spec = cpu.load_spec(cpu.resolve_model())
-    assert (spec.option("device"), spec.option("dtype"), spec.option("family")) == ("cpu", "float32", "sd15")
+    assert (spec.device, spec.option("dtype"), spec.option("family")) == ("cpu", "float32", "sd15")
     gpu = ImageService(ModelManager(), ImageSettings(model=str(tiny.sd15.folder)), tmp_path,
                        device="cuda")  # fmt: skip
     assert gpu.load_spec(gpu.resolve_model()).option("dtype") == "float16"
