@@ -12,8 +12,6 @@ from chat import (
     EMBEDDED_NAME,
     ChatService,
     check_gguf_file,
-    gpu_offload_supported,
-    physical_cores,
 )
 from errors import BadInputError, ModelLoadError, ModelMissingError
 from model_manager import ModelManager
@@ -209,9 +207,14 @@ def test_a_truncated_gguf_is_refused_and_nothing_stays_loaded(embedded_model: Pa
 
 
 def test_load_spec_uses_physical_cores_and_cpu_layers(service: ChatService) -> None:
+    import llama_cpp
+    import psutil
+
     spec = service.load_spec(Path("model.gguf"))
-    assert spec.option("threads") == physical_cores()
-    assert spec.option("gpu_layers") == (-1 if gpu_offload_supported() else 0)
+    assert spec.option("threads") == psutil.cpu_count(logical=False)
+    offload = bool(llama_cpp.llama_supports_gpu_offload())  # a CUDA build of llama.cpp puts every layer on the GPU
+    assert spec.option("gpu_layers") == (-1 if offload else 0)
+    assert spec.device == ("cuda" if offload and service._manager.has_device("cuda") else "cpu")
     assert spec.option("n_ctx") == 1024
 
 
