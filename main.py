@@ -23,6 +23,7 @@ from vision import VisionService
 from services import Services
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
+SHUTDOWN_GRACE_S = 3
 log = logging.getLogger("enclave")
 
 
@@ -58,7 +59,9 @@ def serve(services: Services, settings: Settings, host: str, port: int) -> int:
     services.manager.start_reaper()
     log.info("serving on http://%s:%d (device: %s)", host, port, services.manager.device)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        # On SIGTERM or Ctrl-C, requests still running after a few seconds are cancelled, and a
+        # cancelled request stops its generation at the next token or step.
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     finally:
         services.manager.close()
     return 0

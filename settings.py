@@ -8,6 +8,7 @@ override paths and the listening address, for containers and service units.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,10 @@ ENVIRONMENT_OVERRIDES = {
 }
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+MIN_PUBLIC_KEY_CHARS = 16  # a key that guards a server others can reach
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -35,10 +40,17 @@ class ServerSettings(_Strict):
     api_key: str | None = None
     allow_unauthenticated_remote: bool = False
     max_request_mb: float = Field(32.0, gt=0)
+    allowed_hosts: tuple[str, ...] = ()
 
     @property
     def is_loopback(self) -> bool:
-        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+        """Decided by parsing the address: "127.attacker.example" is a name, not loopback."""
+        if self.host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False
 
 
 class ManagerSettings(_Strict):
@@ -181,10 +193,18 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
 
 def require_safe_exposure(server: ServerSettings) -> None:
     """Refuse to serve an unauthenticated API beyond this machine unless told to."""
-    if not server.is_loopback and not server.api_key and not server.allow_unauthenticated_remote:
+    if server.is_loopback:
+        return
+    if not server.api_key and not server.allow_unauthenticated_remote:
         raise ConfigError(
             f"server.host is {server.host}, reachable from other machines, but no API key is set: set "
             "server.api_key (or ENCLAVE_API_KEY), or server.allow_unauthenticated_remote: true to accept the risk"
+        )
+    if server.api_key and len(server.api_key) < MIN_PUBLIC_KEY_CHARS:
+        raise ConfigError(
+            f"server.api_key is {len(server.api_key)} characters long; a server reachable from other machines "
+            f"needs at least {MIN_PUBLIC_KEY_CHARS} (e.g. the output of: python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe(24))')"
         )
 
 

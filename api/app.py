@@ -16,10 +16,11 @@ import gradio as gr
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.auth import key_matches, require_api_key
 from api.errors import ApiError, api_error_for, error_response
+from api.guards import BodySizeLimit, HostCheck, allowed_hosts
 from api.routes import openai_router
 from assistant.dispatch import Assistant
 from errors import AppError
@@ -51,10 +52,18 @@ def create_app(
     async def on_validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"invalid request: '{where}': {first.get('msg', 'bad value')}" if where else "invalid request body"
+        problem = str(first.get("msg", "bad value")).removeprefix("Value error, ")
+        message = f"invalid request: '{where}': {problem}" if where else f"invalid request body: {problem}"
         return error_response(ApiError(400, message, "invalid_request"))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        # Raised by the framework itself (a body over the limit while it is read): OpenAI's shape too.
+        code = "request_too_large" if error.status_code == 413 else "invalid_request"
+        return error_response(ApiError(error.status_code, str(error.detail), code))
+
     app.add_middleware(BodySizeLimit, max_bytes=max_body, limit_mb=server.max_request_mb)
+    app.add_middleware(HostCheck, allowed=allowed_hosts(server))  # added last: runs first
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -92,26 +101,3 @@ def create_app(
             auth=(lambda _user, password: key_matches(password, server.api_key)) if server.api_key else None,
         )
     return app
-
-
-class BodySizeLimit:
-    """Refuses a request whose declared body is over the limit, before anything reads it.
-
-    A plain ASGI middleware: Starlette's BaseHTTPMiddleware would wrap the request's receive
-    channel, and routes could no longer notice that their client disconnected.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int, limit_mb: float) -> None:
-        self._app = app
-        self._max_bytes = max_bytes
-        self._limit_mb = limit_mb
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self._max_bytes:
-                message = f"the request is {int(length) / 2**20:.1f} MB; the limit is {self._limit_mb:g} MB"
-                response = error_response(ApiError(413, message + " (server.max_request_mb)", "request_too_large"))
-                await response(scope, receive, send)
-                return
-        await self._app(scope, receive, send)

@@ -25,15 +25,33 @@ RETRY_AFTER_S = 5
 class ApiError(Exception):
     """An error with its HTTP status, already worded for the client."""
 
-    def __init__(self, status: int, message: str, code: str, error_type: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        error_type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.error_type = error_type
+        self.headers = headers or {}
+
+
+MAX_MESSAGE_CHARS = 2000  # messages may repeat what a client sent; a client may send megabytes
 
 
 def error_body(message: str, error_type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": redact_paths(message), "type": error_type, "param": param, "code": code}}
+    return {"error": {"message": client_safe(message), "type": error_type, "param": param, "code": code}}
+
+
+def client_safe(message: str) -> str:
+    """An error message as a client may see it: bounded, valid UTF-8, without the server's folders."""
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "…"
+    return redact_paths(message.encode("utf-8", "replace").decode("utf-8"))
 
 
 # An absolute path of three or more parts. Each part starts after a "/" and cannot contain one,
@@ -68,5 +86,7 @@ def api_error_for(error: AppError) -> ApiError:
 
 
 def error_response(error: ApiError) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 503 else None
-    return JSONResponse(error_body(str(error), error.error_type, error.code), error.status, headers=headers)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 503 else {}
+    return JSONResponse(
+        error_body(str(error), error.error_type, error.code), error.status, headers={**headers, **error.headers}
+    )

@@ -6,15 +6,56 @@ import io
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from errors import BadInputError
 from generator import ImageRequest
 from text_generation.grammar import json_grammar
 from text_generation.stream import Message, TextStream
 
+MAX_ECHO_CHARS = 60  # of a client's value repeated in an error message
 
-class ChatCompletionRequest(BaseModel):
+
+def echo(value: object) -> str:
+    """A client's value, safe to repeat in an error message: short, and valid Unicode."""
+    text = str(value)
+    if len(text) > MAX_ECHO_CHARS:
+        text = text[:MAX_ECHO_CHARS] + "…"
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def lone_surrogate_at(value: Any, where: str = "body") -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate ("\ud800"), which is not
+    Unicode text: no tokenizer, template or response encoder can take it."""
+    pending: list[tuple[Any, str]] = [(value, where)]
+    while pending:
+        item, path = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(item, dict):
+            pending.extend((v, f"{path}.{echo(k)}") for k, v in item.items())
+            pending.extend((k, f"{path} (a key)") for k in item)
+        elif isinstance(item, list):
+            pending.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
+    return None
+
+
+class _Request(BaseModel):
+    """A request body: checked for text that is not Unicode before any field is read."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_text_only(cls, data: Any) -> Any:
+        where = lone_surrogate_at(data)
+        if where is not None:
+            raise ValueError(f"{where} holds a lone surrogate, which is not valid Unicode text; send UTF-8 text")
+        return data
+
+
+class ChatCompletionRequest(_Request):
     model_config = ConfigDict(extra="allow")  # clients send fields we do not use (user, n=1, ...)
 
     model: str = "auto"
@@ -31,7 +72,7 @@ class ChatCompletionRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
 
 
-class ImageGenerationRequest(BaseModel):
+class ImageGenerationRequest(_Request):
     model_config = ConfigDict(extra="allow")  # quality, style, user: accepted and ignored
 
     prompt: str
@@ -51,11 +92,11 @@ def image_request_of(body: ImageGenerationRequest) -> ImageRequest:
     width = height = None
     if body.size and body.size != "auto":
         width_text, _, height_text = body.size.lower().partition("x")
-        if not (width_text.isdigit() and height_text.isdigit()):
-            raise BadInputError(f"size must look like 512x512, got '{body.size}'")
+        if not (_is_size_number(width_text) and _is_size_number(height_text)):
+            raise BadInputError(f"size must look like 512x512, got '{echo(body.size)}'")
         width, height = int(width_text), int(height_text)
     if body.response_format not in ("b64_json", "url"):
-        raise BadInputError(f"response_format must be b64_json or url, got '{body.response_format}'")
+        raise BadInputError(f"response_format must be b64_json or url, got '{echo(body.response_format)}'")
     return ImageRequest(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
@@ -97,7 +138,9 @@ def parse_messages(raw: list[dict[str, Any]]) -> tuple[list[Message], list[str]]
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant"):
-            raise BadInputError(f"message {position}: role '{role}' is not supported (use system, user, assistant)")
+            raise BadInputError(
+                f"message {position}: role '{echo(role)}' is not supported (use system, user, assistant)"
+            )
         content = message.get("content")
         if content is None:
             content = ""
@@ -110,7 +153,7 @@ def parse_messages(raw: list[dict[str, Any]]) -> tuple[list[Message], list[str]]
                 elif kind == "image_url":
                     images.append(image_url_of(part, position))
                 else:
-                    raise BadInputError(f"message {position}: content part type '{kind}' is not supported")
+                    raise BadInputError(f"message {position}: content part type '{echo(kind)}' is not supported")
             content = "\n".join(texts)
         if not isinstance(content, str):
             raise BadInputError(f"message {position}: content must be a string or a list of parts")
@@ -131,6 +174,11 @@ def image_url_of(part: dict[str, Any], position: int) -> str:
     return url
 
 
+def _is_size_number(text: str) -> bool:
+    """Plain ASCII digits, at most 5 of them: str.isdigit() also takes "²" and "٣", which int() refuses."""
+    return 0 < len(text) <= 5 and text.isascii() and text.isdigit()
+
+
 def grammar_for(response_format: dict[str, Any] | None) -> str | None:
     if not response_format:
         return None
@@ -140,11 +188,12 @@ def grammar_for(response_format: dict[str, Any] | None) -> str | None:
     if kind == "json_object":
         return json_grammar(None)
     if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
+        wrapper = response_format.get("json_schema")
+        schema = wrapper.get("schema") if isinstance(wrapper, dict) else None
         if not isinstance(schema, dict):
-            raise BadInputError("response_format.json_schema.schema must be a JSON schema object")
+            raise BadInputError('response_format.json_schema must be {"name": ..., "schema": {a JSON schema object}}')
         return json_grammar(schema)
-    raise BadInputError(f"response_format type '{kind}' is not supported (text, json_object, json_schema)")
+    raise BadInputError(f"response_format type '{echo(kind)}' is not supported (text, json_object, json_schema)")
 
 
 def finish_reason_of(stream: TextStream) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import require_api_key
@@ -27,6 +28,7 @@ from api.protocol import (
     ChatCompletionRequest,
     ImageGenerationRequest,
     completion_body,
+    echo,
     grammar_for,
     image_request_of,
     parse_messages,
@@ -42,6 +44,7 @@ from settings import ServerSettings
 from text_generation.stream import Message, TextStream
 
 DISCONNECT_POLL_S = 0.25
+ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 
 
 def openai_router(
@@ -57,11 +60,15 @@ def openai_router(
     async def images_generations(body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
         images = services.images
         if body.model not in (None, "auto", images.model_path.stem, images.model_path.name):
-            raise ApiError(404, f"unknown image model '{body.model}'; GET /v1/models lists them", "model_not_found")
+            message = f"unknown image model '{echo(body.model)}'; GET /v1/models lists them"
+            raise ApiError(404, message, "model_not_found")
         image_request = image_request_of(body)
         cancel = threading.Event()
-        async with cancel_on_disconnect(request, cancel):
-            result = await run_in_threadpool(lambda: images.generate(image_request, cancel=cancel))
+        try:
+            async with cancel_on_disconnect(request, cancel):
+                result = await run_in_threadpool(lambda: images.generate(image_request, cancel=cancel))
+        finally:
+            cancel.set()  # done, or abandoned (the server shutting down): stop between steps
         data = []
         for item in result.images:
             entry: dict[str, Any] = {"revised_prompt": body.prompt, "seed": item.seed}
@@ -127,6 +134,26 @@ def openai_router(
         if answer.text is not None:
             return answer.text
         return fixed_stream(answer.decision.hint or "", "assistant")
+
+    # Last: any other path under /v1, with any method, gets OpenAI's error body (not the UI's 404).
+    @router.api_route("/{path:path}", methods=list(ALL_METHODS), include_in_schema=False)
+    def unknown_endpoint(path: str, request: Request) -> None:
+        allowed = sorted(
+            method
+            for route in router.routes
+            if isinstance(route, APIRoute) and route.path == request.url.path and route.endpoint is not unknown_endpoint
+            for method in route.methods
+        )
+        if allowed:
+            raise ApiError(
+                405,
+                f"{request.method} is not allowed on {request.url.path}; use {', '.join(allowed)}",
+                "method_not_allowed",
+                headers={"Allow": ", ".join(allowed)},
+            )
+        raise ApiError(
+            404, f"there is no endpoint /v1/{echo(path)}; the API's endpoints are listed at /api/docs", "not_found"
+        )
 
     return router
 
@@ -230,7 +257,7 @@ def direct_stream(
     chat_names = services.chat.model_names()
     vision_name = services.vision.model_name
     if body.model not in ("auto", "chat", vision_name, *chat_names):
-        raise ApiError(404, f"unknown model '{body.model}'; GET /v1/models lists them", "model_not_found")
+        raise ApiError(404, f"unknown model '{echo(body.model)}'; GET /v1/models lists them", "model_not_found")
     overrides = sampling_overrides(body)
     if images or body.model == vision_name:
         if not images:

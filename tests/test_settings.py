@@ -93,7 +93,7 @@ def test_values_from_the_file_are_read(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         """
-server: {host: 0.0.0.0, port: 8080, api_key: k}
+server: {host: 0.0.0.0, port: 8080, api_key: k3y-of-sixteen-chars}
 manager: {policy: vram_budget, gpu_memory_budget_gb: 11.5, keep_alive_s: -1, wait_timeout_s: 5}
 chat:
   model: tiny.gguf
@@ -104,7 +104,7 @@ chat:
 """,
     )
     settings = load_settings(path)
-    assert settings.server == ServerSettings(host="0.0.0.0", port=8080, api_key="k")
+    assert settings.server == ServerSettings(host="0.0.0.0", port=8080, api_key="k3y-of-sixteen-chars")
     assert settings.manager == ManagerSettings(
         policy="vram_budget", gpu_memory_budget_gb=11.5, keep_alive_s=-1, wait_timeout_s=5
     )
@@ -251,10 +251,10 @@ def test_environment_overrides_host_port_and_models_dir(tmp_path: Path) -> None:
         "ENCLAVE_HOST": "0.0.0.0",
         "ENCLAVE_PORT": "9000",
         "ENCLAVE_MODELS_DIR": "/data/models",
-        "ENCLAVE_API_KEY": "key",
+        "ENCLAVE_API_KEY": "a-key-long-enough-for-a-public-bind",
     }
     settings = load_settings(path, environ)
-    assert settings.server.api_key == "key"
+    assert settings.server.api_key == "a-key-long-enough-for-a-public-bind"
     assert settings.server.host == "0.0.0.0"
     assert settings.server.port == 9000
     assert settings.models_dir == Path("/data/models")
@@ -354,8 +354,35 @@ def test_listening_beyond_loopback_without_a_key_stops_start_up(tmp_path: Path) 
     assert "server.api_key" in message and "allow_unauthenticated_remote" in message
     allowed = load_settings(write(tmp_path, "server:\n  host: 0.0.0.0\n  allow_unauthenticated_remote: true\n"))
     assert allowed.server.host == "0.0.0.0"
-    with_key = load_settings(write(tmp_path, "server:\n  host: 192.168.1.5\n  api_key: abc\n"))
-    assert with_key.server.api_key == "abc"
+    with_key = load_settings(write(tmp_path, "server:\n  host: 192.168.1.5\n  api_key: abcdefghijklmnop\n"))
+    assert with_key.server.api_key == "abcdefghijklmnop"
+
+
+def test_a_short_key_for_a_public_bind_stops_start_up(tmp_path: Path) -> None:
+    message = config_error(tmp_path, "server:\n  host: 0.0.0.0\n  api_key: abc\n")
+    assert "3 characters" in message and "at least 16" in message
+    assert load_settings(write(tmp_path, "server:\n  api_key: abc\n")).server.api_key == "abc"  # loopback: any key
+
+
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LocalHost", True),
+        ("127.attacker.example", False),
+        ("127.0.0.1.nip.io", False),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.5", False),
+        ("localhost.attacker.example", False),
+    ],
+)
+def test_loopback_is_decided_by_parsing_the_address(host: str, loopback: bool) -> None:
+    assert ServerSettings(host=host).is_loopback is loopback
 
 
 @pytest.mark.parametrize(

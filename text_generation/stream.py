@@ -10,6 +10,7 @@ from typing import Any
 from errors import BadInputError
 from settings import GenerationDefaults
 
+MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "random"
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
 
 
@@ -51,6 +52,8 @@ class GenerationParams:
             raise BadInputError(f"repeat_penalty must be between 0.5 and 2, got {self.repeat_penalty}")
         if self.max_tokens < 1:
             raise BadInputError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not -1 <= self.seed <= MAX_SEED:  # llama.cpp takes a 32-bit seed
+            raise BadInputError(f"seed must be -1 (random) or a whole number from 0 to {MAX_SEED}, got {self.seed}")
 
 
 class TextStream:
