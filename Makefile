@@ -17,17 +17,20 @@ endif
 APP_STAMP  := $(VENV)/.installed-app
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint format bench setup clean
+.PHONY: run test test-setup lint format bench setup clean
 
 run: $(APP_STAMP)
 	$(PY) main.py
 
-test: $(TEST_STAMP) browser
+test: test-setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
 setup: $(APP_STAMP)
+
+# Everything the tests need, installed; after this `make test` needs no network.
+test-setup: $(TEST_STAMP) browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

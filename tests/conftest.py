@@ -55,10 +55,18 @@ class RunningApp:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
 
-def start_app(config: Path, log_path: Path, timeout_s: float = 90.0) -> RunningApp:
+def start_app(
+    config: Path, log_path: Path, timeout_s: float = 90.0, extra_env: dict[str, str] | None = None
+) -> RunningApp:
     port = free_port()
     # One torch thread: the app shares two cores with the test process.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ENCLAVE_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "ENCLAVE_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+        **(extra_env or {}),
+    }
     log_file = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "main.py"), "--config", str(config), "serve"],

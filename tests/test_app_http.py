@@ -38,7 +38,7 @@ def test_health_and_status_endpoints(running_app: RunningApp) -> None:
 def test_chat_streams_through_the_running_app(running_app: RunningApp) -> None:
     client = Client(running_app.url, verbose=False)
     job = client.submit(
-        said("Hello! Who are you?"), [], "You are a helpful assistant.", 0.0, 1.0, 32, 1, api_name="/chat"
+        said("Hello! Who are you?"), [], "You are a helpful assistant.", 0.0, 1.0, 32, 1.0, 1, api_name="/chat"
     )
     updates = list(job)
     assert len(updates) > 2, "the reply should stream in several updates"
@@ -53,27 +53,27 @@ def test_chat_streams_through_the_running_app(running_app: RunningApp) -> None:
 
 def test_follow_up_keeps_the_conversation(running_app: RunningApp) -> None:
     client = Client(running_app.url, verbose=False)
-    _, first = client.predict(said("My name is Ada."), [], "", 0.0, 1.0, 16, 1, api_name="/chat")
-    _, second = client.predict(said("What did I just tell you?"), first, "", 0.0, 1.0, 16, 1, api_name="/chat")
+    _, first = client.predict(said("My name is Ada."), [], "", 0.0, 1.0, 16, 1.0, 1, api_name="/chat")
+    _, second = client.predict(said("What did I just tell you?"), first, "", 0.0, 1.0, 16, 1.0, 1, api_name="/chat")
     assert roles(second) == ["user", "note", "assistant", "user", "note", "assistant"]
     assert reply_text(second).strip()
 
 
 def test_empty_message_is_not_sent(running_app: RunningApp) -> None:
     client = Client(running_app.url, verbose=False)
-    _, history = client.predict(said("   "), [], "", 0.0, 1.0, 16, 1, api_name="/chat")
+    _, history = client.predict(said("   "), [], "", 0.0, 1.0, 16, 1.0, 1, api_name="/chat")
     assert history == []
 
 
 def test_huge_message_gets_a_clear_error_and_the_app_keeps_running(running_app: RunningApp) -> None:
     client = Client(running_app.url, verbose=False)
     try:
-        client.predict(said("x" * 200_000), [], "", 0.0, 1.0, 16, 1, api_name="/chat")
+        client.predict(said("x" * 200_000), [], "", 0.0, 1.0, 16, 1.0, 1, api_name="/chat")
         raised = None
     except Exception as error:  # gradio_client raises AppError carrying the gr.Error text
         raised = str(error)
     assert raised is not None and "200,000 characters" in raised
-    _, history = client.predict(said("Say hi."), [], "", 0.0, 1.0, 8, 1, api_name="/chat")
+    _, history = client.predict(said("Say hi."), [], "", 0.0, 1.0, 8, 1.0, 1, api_name="/chat")
     assert reply_text(history).strip()
 
 
@@ -84,7 +84,9 @@ def test_concurrent_chats_are_all_answered(running_app: RunningApp) -> None:
     def ask(number: int) -> None:
         try:
             client = Client(running_app.url, verbose=False)
-            _, history = client.predict(said(f"Say the number {number}."), [], "", 0.0, 1.0, 8, 1, api_name="/chat")
+            _, history = client.predict(
+                said(f"Say the number {number}."), [], "", 0.0, 1.0, 8, 1.0, 1, api_name="/chat"
+            )
             answers.append(reply_text(history))
         except BaseException as error:
             errors.append(error)
