@@ -55,7 +55,7 @@ def serve(services: Services, settings: Settings, host: str, port: int) -> int:
     require_safe_exposure(server)
     assistant = Assistant(services, settings.assistant)
     demo = build_ui(services, settings, assistant)
-    app = create_app(services, server, settings.image.outputs_dir, demo, assistant)
+    app = create_app(services, server, settings.image.outputs_dir, demo, assistant, settings.audit)
     services.manager.start_reaper()
     log.info("serving on http://%s:%d (device: %s)", host, port, services.manager.device)
     try:

@@ -155,6 +155,14 @@ class AssistantSettings(_Strict):
     classify_undecided: bool = True
 
 
+class AuditSettings(_Strict):
+    enabled: bool = True
+    path: Path = Path("logs/audit.jsonl")
+    log_prompts: bool = False
+    max_mb: float = Field(10.0, gt=0)
+    backups: int = Field(5, ge=1)
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     models_dir: Path = Path("models")
@@ -163,6 +171,7 @@ class Settings(_Strict):
     vision: VisionSettings = VisionSettings()
     image: ImageSettings = ImageSettings()
     assistant: AssistantSettings = AssistantSettings()
+    audit: AuditSettings = AuditSettings()
 
     def model_path(self, name: str) -> Path:
         """A model path from config: absolute as written, else under models_dir."""
@@ -187,6 +196,7 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
         update={
             "models_dir": _anchor(settings.models_dir, base),
             "image": settings.image.model_copy(update={"outputs_dir": outputs_dir}),
+            "audit": settings.audit.model_copy(update={"path": _anchor(settings.audit.path, base)}),
         }
     )
 

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.audit import AuditLog, audit_writer
 from api.auth import key_matches, require_api_key
 from api.errors import ApiError, api_error_for, error_response
 from api.guards import BodySizeLimit, HostCheck, allowed_hosts
@@ -25,7 +26,7 @@ from api.routes import openai_router
 from assistant.dispatch import Assistant
 from errors import AppError
 from services import Services
-from settings import ServerSettings
+from settings import AuditSettings, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ def create_app(
     outputs_dir: Path,
     demo: gr.Blocks | None = None,
     assistant: Assistant | None = None,
+    audit: AuditSettings | None = None,
 ) -> FastAPI:
     app = FastAPI(title="Enclave", docs_url="/api/docs", redoc_url=None)
     max_body = int(server.max_request_mb * 2**20)
@@ -63,7 +65,9 @@ def create_app(
         return error_response(ApiError(error.status_code, str(error.detail), code))
 
     app.add_middleware(BodySizeLimit, max_bytes=max_body, limit_mb=server.max_request_mb)
-    app.add_middleware(HostCheck, allowed=allowed_hosts(server))  # added last: runs first
+    app.add_middleware(HostCheck, allowed=allowed_hosts(server))
+    if audit is not None and audit.enabled:  # added last: runs first, so refusals are recorded too
+        app.add_middleware(AuditLog, settings=audit, api_key=server.api_key, writer=audit_writer(audit))
 
     @app.get("/health")
     def health() -> dict[str, str]:

@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
+from api.audit import note
 from api.auth import require_api_key
 from api.errors import ApiError
 from api.protocol import (
@@ -36,7 +37,7 @@ from api.protocol import (
     sampling_overrides,
 )
 from api.streaming import PieceRelay, stream_events
-from assistant.dispatch import Assistant, PendingDrawing
+from assistant.dispatch import Answer, Assistant, PendingDrawing
 from errors import AppError, BadInputError
 from model_manager import CatalogEntry
 from services import Services
@@ -62,6 +63,7 @@ def openai_router(
         if body.model not in (None, "auto", images.model_path.stem, images.model_path.name):
             message = f"unknown image model '{echo(body.model)}'; GET /v1/models lists them"
             raise ApiError(404, message, "model_not_found")
+        note(request, model=body.model or images.model_path.stem, route="image", prompt=body.prompt)
         image_request = image_request_of(body)
         cancel = threading.Event()
         try:
@@ -86,10 +88,14 @@ def openai_router(
             raise ApiError(400, "only n=1 is supported", "invalid_request", "invalid_request_error")
         messages, images = parse_messages(body.messages)
         cancel = threading.Event()
+        note(request, model=body.model, prompt=messages[-1]["content"] if messages else None)
 
         def begin() -> TextStream:  # routing may ask the chat model and decode an image: not on the event loop
             if assistant is not None and body.model == "auto" and routable(messages, images):
-                return routed_stream(assistant, body, messages, images, f"{request.base_url}outputs/", cancel)
+                answer = routed_answer(assistant, body, messages, images, cancel)
+                note(request, route=answer.decision.route)
+                return answer_stream(answer, f"{request.base_url}outputs/", outputs_dir)
+            note(request, route="vision" if images else "chat")
             return direct_stream(services, body, messages, images, cancel)
 
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -109,31 +115,6 @@ def openai_router(
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         events = stream_events(relay, stream, cancel, completion_id, first, include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    def routed_stream(
-        assistant: Assistant,
-        body: ChatCompletionRequest,
-        messages: list[Message],
-        images: list[str],
-        outputs_url: str,
-        cancel: threading.Event,
-    ) -> TextStream:
-        """Model "auto": the last user message answered the way the Chat tab answers it."""
-        if len(images) > 1:
-            raise BadInputError("send one image per conversation; the vision model looks at one image at a time")
-        answer = assistant.answer(
-            messages[-1]["content"],
-            image=images[0] if images else None,
-            history=messages[:-1],
-            overrides=sampling_overrides(body),
-            grammar=grammar_for(body.response_format),
-            cancel=cancel,
-        )
-        if answer.drawing is not None:
-            return drawing_stream(answer.drawing, outputs_url, outputs_dir)
-        if answer.text is not None:
-            return answer.text
-        return fixed_stream(answer.decision.hint or "", "assistant")
 
     # Last: any other path under /v1, with any method, gets OpenAI's error body (not the UI's 404).
     @router.api_route("/{path:path}", methods=list(ALL_METHODS), include_in_schema=False)
@@ -156,6 +137,35 @@ def openai_router(
         )
 
     return router
+
+
+def routed_answer(
+    assistant: Assistant,
+    body: ChatCompletionRequest,
+    messages: list[Message],
+    images: list[str],
+    cancel: threading.Event,
+) -> Answer:
+    """Model "auto": the last user message answered the way the Chat tab answers it."""
+    if len(images) > 1:
+        raise BadInputError("send one image per conversation; the vision model looks at one image at a time")
+    return assistant.answer(
+        messages[-1]["content"],
+        image=images[0] if images else None,
+        history=messages[:-1],
+        overrides=sampling_overrides(body),
+        grammar=grammar_for(body.response_format),
+        cancel=cancel,
+    )
+
+
+def answer_stream(answer: Answer, outputs_url: str, outputs_dir: Path) -> TextStream:
+    """The answer as chat text: the reply, a Markdown image for a drawing, or the hint alone."""
+    if answer.drawing is not None:
+        return drawing_stream(answer.drawing, outputs_url, outputs_dir)
+    if answer.text is not None:
+        return answer.text
+    return fixed_stream(answer.decision.hint or "", "assistant")
 
 
 def routable(messages: list[Message], images: list[str]) -> bool:
