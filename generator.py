@@ -92,6 +92,17 @@ class _Cancelled(Exception):
     """Raised from the step callback to stop the pipeline between steps."""
 
 
+def _release_device_cache(device: str) -> None:
+    """Hand cached, unused GPU memory back before a second try (nothing to do on the CPU)."""
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 class _StepCounter:
     """Counts the denoising steps that ran and passes them on to a progress callback."""
 
@@ -103,6 +114,18 @@ class _StepCounter:
         self.run += 1
         if self._progress is not None:
             self._progress(done, total)
+
+
+@dataclass
+class _Job:
+    """One generate call on a borrowed pipeline: what every image of it shares."""
+
+    loaded: LoadedImageModel
+    spec: LoadSpec
+    plan: Plan
+    steps: _StepCounter
+    cancel: threading.Event | None
+    notices: list[str]
 
 
 # ----------------------------------------------------------------------------
@@ -259,41 +282,40 @@ class ImageService:
         plan = plan_request(request, model.family, self._settings)
         loras = self._loras_for(plan, model)
         images: list[GeneratedImage] = []
+        notices = list(plan.notices)
         cancelled = False
         steps = _StepCounter(progress)
         spec = self.load_spec(model)
         try:
             with self._manager.acquire(spec, cancel=cancel) as loaded:
-                cancelled = self._generate_all(loaded, model, plan, loras, images, steps, cancel, save)
+                job = _Job(loaded, spec, plan, steps, cancel, notices)
+                cancelled = self._generate_all(job, model, loras, images, save)
         except RequestCancelledError:  # stopped while waiting for the model: nothing was generated
             cancelled = True
         seconds = time.perf_counter() - started
         return GenerationResult(
-            tuple(images), cancelled, model.name, model.family, seconds, plan.notices, steps_run=steps.run
+            tuple(images), cancelled, model.name, model.family, seconds, tuple(notices), steps_run=steps.run
         )
 
     def _generate_all(
         self,
-        loaded: LoadedImageModel,
+        job: _Job,
         model: ImageModel,
-        plan: Plan,
         loras: list[tuple[LoraFile, float, str]],
         images: list[GeneratedImage],
-        steps: _StepCounter,
-        cancel: threading.Event | None,
         save: bool,
     ) -> bool:
         """Generate the plan's images into ``images``; True when cancelled before the end."""
-        self._prepare(loaded, plan, loras)
+        plan, cancel = job.plan, job.cancel
+        self._prepare(job.loaded, plan, loras)
         model_hash_text = self._model_hash(model)
         lora_hashes = {lora.name: digest for lora, _, digest in loras}
-        total = plan.steps * plan.num_images
         for index in range(plan.num_images):
             seed = plan.seed + index
             if cancel is not None and cancel.is_set():
                 return True
             try:
-                image = self._run(loaded, plan, seed, index * plan.steps, total, steps, cancel)
+                image = self._run_or_make_room(job, seed, index * plan.steps)
             except _Cancelled:
                 return True
             parameters = format_parameters(plan, seed, model, model_hash_text, lora_hashes)
@@ -367,17 +389,31 @@ class ImageService:
                 self._hashes[key] = known
         return known
 
-    def _run(
-        self,
-        loaded: LoadedImageModel,
-        plan: Plan,
-        seed: int,
-        done: int,
-        total: int,
-        steps: _StepCounter,
-        cancel: threading.Event | None,
-    ) -> Image.Image:
+    def _run_or_make_room(self, job: _Job, seed: int, done: int) -> Image.Image:
+        """One image; when the device runs out of memory, unload the other idle models, decode with
+        VAE tiling, and try once more (saying so) before giving up with the fix."""
+        try:
+            return self._run(job, seed, done)
+        except OutOfMemoryError as error:
+            freed = self._manager.make_room(job.spec)
+            job.loaded.pipe.vae.enable_tiling()
+            job.loaded.tiling = True
+            _release_device_cache(job.spec.device)
+            log.warning("out of memory making an image; unloaded %s, VAE tiling on; trying once more", freed or "none")
+            try:
+                image = self._run(job, seed, done)
+            except OutOfMemoryError:
+                raise error from None
+        tried = f"unloaded {', '.join(freed)} and " if freed else ""
+        job.notices.append(f"The {job.spec.device} ran out of memory: {tried}turned on VAE tiling, then the image fit.")
+        return image
+
+    def _run(self, job: _Job, seed: int, done: int) -> Image.Image:
         import torch
+
+        plan, cancel, steps = job.plan, job.cancel, job.steps
+        total = plan.steps * plan.num_images
+        loaded = job.loaded
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             steps.step(done + min(step + 1, plan.steps), total)

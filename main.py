@@ -21,6 +21,7 @@ from model_manager import GIB, ModelManager, detect_devices
 from settings import Settings, load_settings, require_safe_exposure
 from vision import VisionService
 from services import Services
+from stable_diffusion.metadata import remove_partial_files
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 SHUTDOWN_GRACE_S = 3
@@ -56,6 +57,9 @@ def serve(services: Services, settings: Settings, host: str, port: int) -> int:
     assistant = Assistant(services, settings.assistant)
     demo = build_ui(services, settings, assistant)
     app = create_app(services, server, settings.image.outputs_dir, demo, assistant, settings.audit)
+    removed = remove_partial_files(settings.image.outputs_dir)
+    if removed:
+        log.info("removed %d unfinished image file(s) left by an earlier crash", removed)
     services.manager.start_reaper()
     log.info("serving on http://%s:%d (device: %s)", host, port, services.manager.device)
     try:

@@ -606,7 +606,7 @@ class ModelManager:
         try:
             for victim in transition.victims:
                 self._unload(victim)
-            self._load(loading)
+            self._load_or_make_room(loading)
         except BaseException:
             with self._cond:
                 self._entries.pop(loading.spec, None)
@@ -621,6 +621,30 @@ class ModelManager:
             self._schedule()
             self._cond.notify_all()
         return loading
+
+    def _load_or_make_room(self, loading: _Entry) -> None:
+        """Outside the lock, holding the transition slot: load; when the device runs out of memory
+        (the estimates were short, or something else took memory), unload its other idle models
+        and try once more before giving up."""
+        try:
+            self._load(loading)
+        except OutOfMemoryError:
+            device = loading.spec.budget_device
+            with self._cond:
+                victims = [e for e in self._idle_entries(0.0) if e.spec.budget_device == device]
+                for victim in victims:
+                    victim.state = ModelState.UNLOADING
+            if not victims:
+                raise
+            log.warning(
+                "%s ran out of %s memory while loading; unloading %s and trying once more",
+                loading.spec.label,
+                device,
+                ", ".join(v.spec.label for v in victims),
+            )
+            for victim in victims:
+                self._unload(victim)
+            self._load(loading)
 
     def _check_in(self, entry: _Entry) -> None:
         with self._cond:
@@ -751,7 +775,15 @@ class ModelManager:
 
     def unload(self, label: str) -> bool:
         """Unload one idle model by its label (a status panel's button); False if it is busy or absent."""
-        return bool(self._unload_idle_for(0.0, wait_for_transition=True, only=label))
+        return bool(self._unload_idle_for(0.0, wait_for_transition=True, only=lambda e: e.spec.label == label))
+
+    def make_room(self, keep: LoadSpec) -> list[str]:
+        """Unload every idle model on ``keep``'s device but ``keep`` itself: for a request that ran out
+        of memory while generating, before it tries once more. Returns their labels."""
+        device = keep.budget_device
+        return self._unload_idle_for(
+            0.0, wait_for_transition=True, only=lambda e: e.spec.budget_device == device and e.spec != keep
+        )
 
     def _idle_entries(self, min_idle_s: float) -> list[_Entry]:
         """Under the lock: ready models nobody uses or waits for, idle for at least ``min_idle_s``."""
@@ -763,13 +795,15 @@ class ModelManager:
             if e.state is ModelState.READY and not e.in_use and e.spec not in wanted and now - e.last_used >= min_idle_s
         ]
 
-    def _unload_idle_for(self, min_idle_s: float, *, wait_for_transition: bool, only: str | None = None) -> list[str]:
+    def _unload_idle_for(
+        self, min_idle_s: float, *, wait_for_transition: bool, only: Callable[[_Entry], bool] | None = None
+    ) -> list[str]:
         with self._cond:
             if wait_for_transition:
                 self._cond.wait_for(lambda: not self._transition_in_progress, timeout=self.wait_timeout_s)
             if self._transition_in_progress:
                 return []
-            victims = [e for e in self._idle_entries(min_idle_s) if only is None or e.spec.label == only]
+            victims = [e for e in self._idle_entries(min_idle_s) if only is None or only(e)]
             if not victims:
                 return []
             self._transition_in_progress = True

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import fields
 from io import BytesIO
@@ -157,20 +159,60 @@ def request_from_parameters(parameters: Mapping[str, Any]) -> ImageRequest:
 # ----------------------------------------------------------------------------
 
 
+PARTIAL_SUFFIX = ".part"
+
+
 def save_png(image: Image.Image, parameters: str, folder: Path, seed: int) -> Path:
-    """Save as ``folder/NNNNN-<seed>.png`` with the parameters text; never overwrites."""
+    """Save as ``folder/NNNNN-<seed>.png`` with the parameters text; never overwrites.
+
+    Atomic: the PNG is written and flushed to a hidden ``.part`` file first, then linked under its
+    name (a link fails if the name exists, so two requests never take the same one). A crash at
+    any moment leaves a complete PNG or none; ``remove_partial_files`` sweeps what a crash left.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     info.add_text("parameters", parameters)
-    numbers = [int(p.name[:5]) for p in folder.glob("*.png") if p.name[:5].isdigit()]
-    number = max(numbers, default=0) + 1
-    while True:
-        path = folder / f"{number:05d}-{seed}.png"
+    prefix = f".{os.getpid()}-"  # whose it is: the sweep leaves files of running processes alone
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=prefix, suffix=PARTIAL_SUFFIX, delete=False) as staged:
         try:
-            handle = path.open("xb")  # exclusive: two requests never write the same file
-        except FileExistsError:
-            number += 1
-            continue
-        with handle:
-            image.save(handle, format="PNG", pnginfo=info)
-        return path
+            image.save(staged, format="PNG", pnginfo=info)
+            staged.flush()
+            os.fsync(staged.fileno())
+        except BaseException:
+            Path(staged.name).unlink(missing_ok=True)
+            raise
+    try:
+        numbers = [int(p.name[:5]) for p in folder.glob("*.png") if p.name[:5].isdigit()]
+        number = max(numbers, default=0) + 1
+        while True:
+            path = folder / f"{number:05d}-{seed}.png"
+            try:
+                os.link(staged.name, path)
+            except FileExistsError:
+                number += 1
+                continue
+            return path
+    finally:
+        Path(staged.name).unlink(missing_ok=True)
+
+
+def remove_partial_files(outputs_dir: Path) -> int:
+    """Remove the ``.part`` files that crashed processes left under ``outputs_dir``."""
+    removed = 0
+    for leftover in outputs_dir.glob(f"*/.*{PARTIAL_SUFFIX}"):
+        writer = leftover.name[1:].split("-", 1)[0]
+        if writer.isdigit() and _is_running(int(writer)):
+            continue  # still being written
+        leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
