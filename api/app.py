@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.audit import AuditLog, audit_writer
 from api.auth import key_matches, require_api_key
 from api.errors import ApiError, api_error_for, error_response
+from api.gradio_guard import GradioGuard
 from api.guards import BodySizeLimit, HostCheck, allowed_hosts
 from api.routes import openai_router
 from assistant.dispatch import Assistant
@@ -65,6 +66,7 @@ def create_app(
         return error_response(ApiError(error.status_code, str(error.detail), code))
 
     app.add_middleware(BodySizeLimit, max_bytes=max_body, limit_mb=server.max_request_mb)
+    app.add_middleware(GradioGuard, server=server)  # the UI's file inputs, login page and login attempts
     app.add_middleware(HostCheck, allowed=allowed_hosts(server))
     if audit is not None and audit.enabled:  # added last: runs first, so refusals are recorded too
         app.add_middleware(AuditLog, settings=audit, api_key=server.api_key, writer=audit_writer(audit))

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def unanchored(settings: Settings) -> Settings:
     """The settings with the folders that load_settings anchors at the config file put back as written."""
     image = settings.image.model_copy(update={"outputs_dir": Path("outputs")})
-    return settings.model_copy(update={"models_dir": Path("models"), "image": image})
+    audit = settings.audit.model_copy(update={"path": Path("logs/audit.jsonl")})
+    return settings.model_copy(update={"models_dir": Path("models"), "image": image, "audit": audit})
 
 
 def write(tmp_path: Path, text: str) -> Path:
