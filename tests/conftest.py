@@ -98,6 +98,17 @@ def stop_app(app: RunningApp) -> None:
         app.process.kill()
 
 
+# A JSON array of at least 1500 items as a response_format: the grammar forbids the reply to end
+# early, so a reply that stops well before its max_tokens (tens of seconds here) was stopped by us.
+ENDLESS = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "numbers",
+        "schema": {"type": "array", "items": {"type": "integer", "enum": [7]}, "minItems": 1500},
+    },
+}
+
+
 TINY_IMAGE_SETTINGS = {
     "model": "tiny-sd15",
     "min_size": 64,

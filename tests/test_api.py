@@ -18,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, RunningApp, start_app, stop_app, write_config
+from tests.conftest import ENDLESS, ROOT, RunningApp, start_app, stop_app, write_config
 from tests.openai_schema import validate
 
 SCHEMA = {
@@ -221,17 +221,6 @@ def wait_until_idle(app: RunningApp, timeout_s: float, key: str | None = None) -
             return True
         time.sleep(0.1)
     return False
-
-
-# A JSON array of at least 1500 items: the grammar forbids the reply to end early, so a reply
-# that stops before its max_tokens (about 1900 here, tens of seconds) was stopped by us.
-ENDLESS = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "numbers",
-        "schema": {"type": "array", "items": {"type": "integer", "enum": [7]}, "minItems": 1500},
-    },
-}
 
 
 def long_reply_body(stream: bool) -> dict:
