@@ -208,6 +208,11 @@ class ChatService:
         self.defaults = GenerationParams.from_defaults(settings.defaults)
         manager.register_loader("chat", Loader(load=load_chat_model, estimate_bytes=self._estimate_bytes))
 
+    @property
+    def max_message_chars(self) -> int:
+        """The longest user message answered (chat.max_message_chars); front ends check it before other work."""
+        return self._settings.max_message_chars
+
     # -- which model ----------------------------------------------------
 
     def model_names(self) -> tuple[str, str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from assistant.routing import ImagePrompt, RouteDecision, decide_route, image_prompt_by_rules
 from assistant.routing import interpret_image_request as interpret_with_model
-from errors import BadInputError, ModelMissingError
+from errors import BadInputError, ModelMissingError, TooLargeError
 from generator import GenerationResult, ImageRequest
 from media.images import ImageSource
 from services import Services
@@ -100,6 +100,12 @@ class Assistant:
         the default) for whichever model answers. Inputs are checked now; models load when the
         text stream is read or the drawing is drawn.
         """
+        limit = self._services.chat.max_message_chars
+        if len(text) > limit:  # before the rules or any model read it: their work must not grow with it
+            raise TooLargeError(
+                f"the message is {len(text):,} characters; the limit is {limit:,} "
+                "(chat.max_message_chars in config.yaml). Shorten it or split it into parts."
+            )
         decision = self.decide(text, has_image=image is not None)
         if decision.hint and not decision.prompt.strip() and decision.route != "vision":
             return Answer(decision)  # only a hint to show: nothing to answer

@@ -8,7 +8,8 @@ Cheapest first:
 2. Rules: a few regular expressions for requests to draw, in English and German, and for the
    messages that look like them but are not (questions about drawing, "draw conclusions",
    "paint me a picture ... with words", diagrams and code, questions about an image that is not
-   attached). Each message is cut into sentences; a request to draw in one of them wins.
+   attached). Each message is cut into sentences; a request to draw in one of them wins. Only the
+   start and the end of a long message are read (``MAX_ROUTED_CHARS``), in time linear in their length.
 3. Only when the rules are undecided (drawing words, but no clear request) and the chat model is
    loaded and idle: the chat model itself, asked for grammar-constrained JSON. It is borrowed
    atomically (``complete_if_idle``): never a model swap or a wait just to classify; without it
@@ -57,6 +58,12 @@ HINT_EMPTY = "Type a message to send."
 FALLBACK_NEGATIVE_PROMPT = "blurry, low quality, deformed, watermark, text"
 MAX_WISH_CHARS = 600  # what the chat model reads of a wish: a prompt, not an essay
 MAX_CLASSIFY_CHARS = 600
+# The rules read at most this many characters at each end of a message, and judge at most
+# MAX_SUBJECT_CLAUSES sentences (and the last) when they look for what to draw. A request to draw is
+# a sentence or two at the start or the end; the rest of a long message cannot change where it goes,
+# and reading all of it would let its length decide how long the server is busy.
+MAX_ROUTED_CHARS = 2_000
+MAX_SUBJECT_CLAUSES = 8
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,12 @@ class ImagePrompt:
 
 _FLAGS = re.IGNORECASE | re.VERBOSE
 
+# Every pattern here runs on user text, so each must take time linear in it. The per-sentence patterns
+# see one sentence of at most 2 * MAX_ROUTED_CHARS characters with each whitespace run made one space
+# (``_clause_text``); their repetitions are anchored, or start at a literal word, and can only give back
+# characters within one word or one run of separators; the lazy gaps are bounded (``.{0,200}?``). The
+# patterns that see the whole message (``_COMMAND``, ``_LORA_TAG``) are anchored or start at a literal.
+
 # /draw, /image, /describe, /chat at the very start; "/drawing" is not a command.
 _COMMAND = re.compile(r"^\s*/(draw|image|describe|chat)(?![\w-])[\s:]*(.*)$", re.IGNORECASE | re.DOTALL)
 
@@ -96,7 +109,11 @@ _COMMAND = re.compile(r"^\s*/(draw|image|describe|chat)(?![\w-])[\s:]*(.*)$", re
 _LORA_TAG = re.compile(r"<lora:[^<>]*>", re.IGNORECASE)
 
 # Sentences: a request to draw may follow a greeting or come before a detail ("Hi! Draw a cat. Make it orange.").
-_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\s*\n+\s*")
+# A run of whitespace ends a sentence after . ! ? ; or when it holds a line break. Found by one scan of the
+# runs (``_sentences``), not by splitting on a pattern like ``\s*\n+\s*``, whose time grows with the
+# square of a long run of whitespace.
+_WHITESPACE = re.compile(r"\s+")
+_SENTENCE_STOPS = frozenset(".!?;")
 
 # What may open a request without changing it: greetings, fillers, "please", "can you", "kannst du mir".
 # ``en``/``de`` tell that a polite modal was used (German puts the verb at the end: "kannst du ... zeichnen?").
@@ -288,8 +305,10 @@ _IMAGE_REQUESTS: tuple[tuple[re.Pattern[str], str, Language], ...] = (
 )
 
 # Only after "kannst du" / "könnten Sie": the verb comes last ("kannst du mir einen Hund zeichnen?").
+# The subject ends in a non-space (``.*?\S``): with ``.+?`` the ``\s+`` after it was tried from every
+# position inside a whitespace run, time growing with the square of the run.
 _DE_VERB_LAST = re.compile(
-    r"""^(?P<subject>.+?)(?<!\bzu)\s+(?:zeichnen|malen|skizzieren|illustrieren|rendern
+    r"""^(?P<subject>.*?\S)(?<!\bzu)\s+(?:zeichnen|malen|skizzieren|illustrieren|rendern
          |(?P<generic>generieren|erstellen|erzeugen|machen|entwerfen|gestalten|zeigen|schicken|geben))
         (?:\s+(?:bitte|lassen))?\s*[?!.]*$""",
     _FLAGS,
@@ -334,9 +353,18 @@ _DRAWING_WORDS = re.compile(
     _FLAGS,
 )
 
-# Trimmed off a subject for the rule-based prompt: "please", "for me", "bitte", the question mark.
-_SUBJECT_TAIL = re.compile(
-    r"""(?:[\s,]*(?:please|pls|for\s+me|thanks|thank\s+you|bitte|für\s+mich|danke)\b|[\s,]*[?!.;:]+)+\s*$""", _FLAGS
+# Trimmed off the end of a subject for the rule-based prompt: "please", "for me", "bitte", the question mark,
+# with the commas and spaces between them. Searched for from the front, such a pattern
+# (``(?:[\s,]*(?:please|...)\b|[\s,]*[?!.;:]+)+\s*$``) restarted at every comma and space, and its
+# repeated punctuation inside a repeated group took exponential time on "a cat??????????????????????x".
+# So it is matched once, anchored, on the reversed subject: the words are spelled backwards, and the
+# word boundary that followed a word in the subject comes before it.
+_TAIL_WORDS = ("please", "pls", "for me", "thanks", "thank you", "bitte", "für mich", "danke")
+_SUBJECT_TAIL_REVERSED = re.compile(
+    r"\A\s*(?:(?:[?!.;:]|\b(?:"
+    + "|".join(r"\s+".join(re.escape(word[::-1]) for word in reversed(words.split())) for words in _TAIL_WORDS)
+    + r"))[\s,]*)+",
+    re.IGNORECASE,
 )
 _SUBJECT_HEAD = re.compile(
     r"""^(?:(?:an?|one|some)\s+)?(?:image|picture|pic|drawing)s?\s+(?:of|showing|depicting)\s+
@@ -354,10 +382,47 @@ class _Verdict:
     language: Language = None
 
 
+def _sentences(text: str, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
+    """(start, end) of each sentence of ``text[start:stop]``, without the whitespace around it.
+
+    A run of whitespace ends a sentence after . ! ? ; or when it holds a line break. One pass over
+    the runs: linear in the length, however long a run is.
+    """
+    stop = len(text) if stop is None else stop
+    spans: list[tuple[int, int]] = []
+    begin = start
+    for run in _WHITESPACE.finditer(text, start, stop):
+        run_start, run_end = run.span()
+        if run_start == start:  # whitespace before the first sentence
+            begin = run_end
+        elif text[run_start - 1] in _SENTENCE_STOPS or text.find("\n", run_start, run_end) >= 0:
+            spans.append((begin, run_start))
+            begin = run_end
+    if begin < stop:
+        spans.append((begin, begin + len(text[begin:stop].rstrip())))  # a trailing run ends no sentence
+    return [(a, b) for a, b in spans if b > a]
+
+
+def _window_sentences(text: str) -> list[tuple[int, int]]:
+    """The sentences of a message the rules may read: all of a short message; of a long one, those in
+    its first MAX_ROUTED_CHARS characters and the last in its last MAX_ROUTED_CHARS (cut at those bounds)."""
+    if len(text) <= 2 * MAX_ROUTED_CHARS:
+        return _sentences(text)
+    tail = _sentences(text, len(text) - MAX_ROUTED_CHARS)
+    return _sentences(text, 0, MAX_ROUTED_CHARS) + tail[-1:]
+
+
+def _clause_text(text: str, span: tuple[int, int]) -> str:
+    """A sentence as the rules read it: every run of whitespace one space, so that no pattern meets a long run."""
+    return " ".join(text[span[0] : span[1]].split())
+
+
 def _clauses(text: str) -> list[str]:
     """The sentences worth judging: all of a short message, the first and last of a long one."""
-    clauses = [c.strip() for c in _SENTENCE_END.split(text) if c.strip()]
-    return clauses if len(clauses) <= 3 else [clauses[0], clauses[-1]]
+    spans = _window_sentences(text)
+    if len(spans) > 3 or (len(text) > 2 * MAX_ROUTED_CHARS and len(spans) > 1):
+        spans = [spans[0], spans[-1]]
+    return [_clause_text(text, span) for span in spans]
 
 
 def _judge_clause(clause: str) -> _Verdict | None:
@@ -583,14 +648,26 @@ def _rules_subject(text: str) -> tuple[str, Language]:
     """What to draw, by the rules, without LoRA tags; and the language of the request when known."""
     _, text = _split_command(text)
     wish = " ".join(_LORA_TAG.sub(" ", text).split())
-    clauses = [c.strip() for c in _SENTENCE_END.split(wish) if c.strip()]
+    spans = _window_sentences(wish)
+    if len(spans) > MAX_SUBJECT_CLAUSES + 1:
+        spans = [*spans[:MAX_SUBJECT_CLAUSES], spans[-1]]
     subject, language = wish, None
-    for position, clause in enumerate(clauses):
-        verdict = _judge_clause(clause)
+    for start, end in spans:
+        verdict = _judge_clause(wish[start:end])
         if verdict is not None and verdict.route == "image":
-            subject, language = " ".join([verdict.subject, *clauses[position + 1 :]]), verdict.language
+            # the subject, then the rest of the wish: the next sentences, or the rest of a sentence cut off
+            subject, language = verdict.subject + wish[end:], verdict.language
             break
-    return _SUBJECT_TAIL.sub("", _SUBJECT_HEAD.sub("", subject.strip())).strip() or wish, language
+    return _trim_subject(subject) or wish, language
+
+
+def _trim_subject(subject: str) -> str:
+    """Without "a picture of" in front and "please", "bitte", "?" at the end."""
+    subject = _SUBJECT_HEAD.sub("", subject.strip())
+    tail = _SUBJECT_TAIL_REVERSED.match(subject[::-1])
+    if tail is not None:
+        subject = subject[: len(subject) - tail.end()]
+    return subject.strip()
 
 
 def interpret_image_request(text: str, model: IdleTextModel, *, max_tokens: int = 200) -> ImagePrompt:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import random
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import RunningApp, start_app, stop_app, write_config
+from tests.conftest import ENDLESS, RunningApp, start_app, stop_app, write_config
 from tests.openai_schema import validate
 
 
@@ -210,14 +212,6 @@ def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(small_limit
 
 # -- shutdown ----------------------------------------------------------------------------------
 
-ENDLESS = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "numbers",
-        "schema": {"type": "array", "items": {"type": "integer", "enum": [7]}, "minItems": 1500},
-    },
-}
-
 
 def test_sigterm_during_a_long_generation_stops_the_server_within_seconds(tmp_path: Path) -> None:
     app = start_app(write_config(tmp_path, chat={"context_size": 2048}), tmp_path / "app.log")
@@ -249,3 +243,94 @@ def test_nothing_listens_beyond_loopback(running_app: RunningApp) -> None:
         with socket.socket() as probe:
             probe.settimeout(1)
             assert probe.connect_ex((address, port)) != 0, f"the server answers on {address}"
+
+
+# -- hostile text through every text entry point ------------------------------------------------
+
+HOSTILE = {
+    "whitespace run": "a" + " " * 31_990 + "b",
+    "newline run": "draw\n" + "\n \n" * 10_000 + "x",
+    "tabs and punctuation": "\t.!?;" * 6_000,
+    "control characters": "".join(chr(code) for code in range(32)) * 500,
+    "one character, 1 MB": "a" * 2**20,
+    "draw, repeated": "draw " * 6_000,
+    "lone surrogate": "\ud800",
+}
+
+
+def timed_post(app: RunningApp, path: str, body: dict) -> tuple[int, float]:
+    payload = json.dumps(body).encode()  # json escapes a lone surrogate as "\ud800", as a client would send it
+    started = time.perf_counter()
+    response = post_raw(app, path, payload)
+    return response.status_code, time.perf_counter() - started
+
+
+ENTRY_POINTS = {
+    "chat content": ("/v1/chat/completions", lambda text: {"model": "auto", "max_tokens": 1,
+                                                             "messages": [{"role": "user", "content": text}]}),
+    "chat stop": ("/v1/chat/completions", lambda text: {"max_tokens": 1, "stop": [text],
+                                                          "messages": [{"role": "user", "content": "hi"}]}),
+    "image prompt": ("/v1/images/generations", lambda text: {"prompt": text, "size": "64x64", "steps": 1}),
+    "image size": ("/v1/images/generations", lambda text: {"prompt": "a tree", "size": text}),
+}  # fmt: skip
+
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "cats",
+    "watch",
+    "from",
+    "the",
+    "old",
+    "garden",
+    "wall",
+]
+
+
+def normal_text() -> str:
+    """Ordinary words, about as many tokens as the longest hostile text the chat model reads (the
+    32,000-character whitespace run is about 520 tokens); fresh each time, so no cache helps it."""
+    return " ".join(random.choice(WORDS) for _ in range(480))
+
+
+def post_in_background(app: RunningApp, path: str, body: dict) -> tuple[threading.Thread, list[tuple[int, float]]]:
+    outcome: list[tuple[int, float]] = []
+    thread = threading.Thread(target=lambda: outcome.append(timed_post(app, path, body)))
+    thread.start()
+    return thread, outcome
+
+
+def slowest_health_check(app: RunningApp, busy: threading.Thread) -> float:
+    """The slowest /health answer while ``busy`` runs: other clients must never wait on a hostile request."""
+    slowest = 0.0
+    while busy.is_alive():
+        started = time.perf_counter()
+        httpx.get(f"{app.url}/health", timeout=30)
+        slowest = max(slowest, time.perf_counter() - started)
+        time.sleep(0.05)
+    return slowest
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_hostile_text_is_answered_in_bounded_time_and_blocks_no_one(running_app: RunningApp, entry: str) -> None:
+    path, body_of = ENTRY_POINTS[entry]
+    normal = timed_post(running_app, path, body_of(normal_text()))[1]
+    for name, text in HOSTILE.items():
+        request, outcome = post_in_background(running_app, path, body_of(text))
+        slowest = slowest_health_check(running_app, request)
+        request.join()
+        status, seconds = outcome[0]
+        assert status < 500, f"{entry} / {name}: {status}"
+        # A ratio to the normal request in the same run, with a floor for timer noise and a 1 MB upload.
+        assert seconds <= 5 * normal + 2.0, f"{entry} / {name}: {seconds:.2f} s against {normal:.2f} s"
+        assert slowest < 1.0, f"{entry} / {name}: /health took {slowest:.2f} s meanwhile"
