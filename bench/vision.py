@@ -87,7 +87,7 @@ def run(folder: Path, args: argparse.Namespace) -> None:
     manager = ModelManager(devices=detect_devices(24 * GIB), keep_alive_s=-1)
     vision = VisionService(manager, VisionSettings(precision=args.precision), folder)
     spec = vision.load_spec()
-    precision, device = spec.option("precision"), spec.option("device")
+    precision, device = spec.option("precision"), spec.device
     params = GenerationParams(temperature=0.0, top_p=1.0, max_tokens=args.max_tokens, seed=1, repeat_penalty=1.0)
     image = test_image()
 
