@@ -290,6 +290,11 @@ class ManagerStatus:
     load_counts: dict[str, int]
     waiting: int  # requests in the queue
 
+    @property
+    def budget_bytes(self) -> int:
+        """The budget of the device the big models go to."""
+        return next(d.budget_bytes for d in self.devices if d.name == self.device)
+
 
 @dataclass(eq=False)
 class _Entry:
