@@ -65,8 +65,10 @@ def create_app(
         code = "request_too_large" if error.status_code == 413 else "invalid_request"
         return error_response(ApiError(error.status_code, str(error.detail), code))
 
-    app.add_middleware(BodySizeLimit, max_bytes=max_body, limit_mb=server.max_request_mb)
+    # Added in reverse of the order they run in: the body-size check comes before the UI's guard,
+    # which reads whole bodies of Gradio's API calls.
     app.add_middleware(GradioGuard, server=server)  # the UI's file inputs, login page and login attempts
+    app.add_middleware(BodySizeLimit, max_bytes=max_body, limit_mb=server.max_request_mb)
     app.add_middleware(HostCheck, allowed=allowed_hosts(server))
     if audit is not None and audit.enabled:  # added last: runs first, so refusals are recorded too
         app.add_middleware(AuditLog, settings=audit, api_key=server.api_key, writer=audit_writer(audit))

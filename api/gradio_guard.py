@@ -48,7 +48,6 @@ UPLOAD_ROUTES = frozenset({"/gradio_api/upload", "/gradio_api/process_recording"
 LOGIN_ROUTES = frozenset({"/login", "/login/"})
 FILE_DATA_TYPE = "gradio.FileData"
 MAX_PAGE_BYTES = 8 * 2**20  # a login page is a few kB; anything larger is not one
-CLOSE = {"Connection": "close"}
 EMPTY_API_INFO: dict[str, Any] = {"named_endpoints": {}, "unnamed_endpoints": {}}
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")  # "http:", "file:", "data:" … at the start of a string
@@ -274,8 +273,6 @@ class GradioGuard:
 
     def __init__(self, app: ASGIApp, server: ServerSettings, limiter: LoginLimiter | None = None) -> None:
         self._app = app
-        self._max_bytes = int(server.max_request_mb * 2**20)
-        self._limit_mb = server.max_request_mb
         self._login_required = bool(server.api_key)  # the UI asks for the key only when one is set
         self.limiter = limiter or LoginLimiter()
 
@@ -294,30 +291,15 @@ class GradioGuard:
             await self._app(scope, receive, send)
 
     async def _check_files(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Read the body (at most the size limit), refuse it if it names a file that is not an
-        upload, then hand the same bytes on."""
-        too_large = ApiError(
-            413,
-            f"the request body is larger than the limit of {self._limit_mb:g} MB (server.max_request_mb)",
-            "request_too_large",
-            headers=CLOSE,
-        )
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self._max_bytes:
-            await refuse(scope, receive, send, too_large)
-            return
+        """Read the body, refuse it if it names a file that is not an upload, then hand the same
+        bytes on. The size limit is the body-size check's, around this middleware: it stops the
+        reading as soon as the bytes pass the limit."""
         chunks: list[bytes] = []
-        size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return  # the client left; nothing to answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max_bytes:
-                await refuse(scope, receive, send, too_large)
-                return
-            chunks.append(chunk)
+            chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)

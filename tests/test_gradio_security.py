@@ -24,6 +24,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from api.gradio_guard import GradioGuard, LoginLimiter, client_key, find_file_refusal, upload_folder
+from api.guards import BodySizeLimit
 from settings import ServerSettings
 from tests.conftest import ROOT, TINY_SECTIONS, RunningApp, start_app, stop_app, write_config
 
@@ -341,7 +342,8 @@ def test_the_guard_reads_no_more_than_the_limit_of_a_chunked_body() -> None:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    guard = GradioGuard(inner, ServerSettings(max_request_mb=0.0625))  # 64 kB
+    # The guard inside the body-size check, as the app assembles them.
+    guard = BodySizeLimit(GradioGuard(inner, ServerSettings()), max_bytes=64 * 1024, limit_mb=0.0625)
     scope = {"type": "http", "method": "POST", "path": "/gradio_api/queue/join", "headers": [], "query_string": b""}
     asyncio.run(guard(scope, endless_body, send))
     assert sent[0]["status"] == 413 and reached == []
