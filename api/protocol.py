@@ -158,6 +158,8 @@ def parse_messages(raw: list[dict[str, Any]]) -> tuple[list[Message], list[str]]
         if not isinstance(content, str):
             raise BadInputError(f"message {position}: content must be a string or a list of parts")
         messages.append({"role": role, "content": content})
+    if len(images) > 1:
+        raise BadInputError("send one image per conversation; the vision model looks at one image at a time")
     return messages, images
 
 

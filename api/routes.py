@@ -147,8 +147,6 @@ def routed_answer(
     cancel: threading.Event,
 ) -> Answer:
     """Model "auto": the last user message answered the way the Chat tab answers it."""
-    if len(images) > 1:
-        raise BadInputError("send one image per conversation; the vision model looks at one image at a time")
     return assistant.answer(
         messages[-1]["content"],
         image=images[0] if images else None,
@@ -272,8 +270,6 @@ def direct_stream(
     if images or body.model == vision_name:
         if not images:
             raise BadInputError(f"{vision_name} answers questions about an image: add an image_url part")
-        if len(images) > 1:
-            raise BadInputError("send one image per conversation; the vision model looks at one image at a time")
         if grammar_for(body.response_format) is not None:
             raise BadInputError("response_format is supported for text chat only, not for questions about images")
         services.vision.require_installed()
