@@ -9,6 +9,7 @@ oldest turns so the prompt and the reply fit the context, and streams tokens.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import logging
 import os
@@ -67,10 +68,25 @@ class LoadedChatModel:
     def context_size(self) -> int:
         return int(self.llama.n_ctx())
 
-    def tokens_for(self, messages: Sequence[Message]) -> tuple[list[int], list[str]]:
+    def tokens_for(self, messages: Sequence[Message], continuing: bool = False) -> tuple[list[int], list[str]]:
         prompt, stop = self.render(messages)
+        if continuing:
+            prompt = open_last_reply(prompt, messages[-1])
         add_bos = not (self.bos_text and prompt.startswith(self.bos_text))
         return self.llama.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True), stop
+
+
+def open_last_reply(prompt: str, last: Message) -> str:
+    """The prompt cut right after the text of its last (assistant) message, so the model goes on
+    writing that reply instead of starting a new one: templates close every turn they render."""
+    reply = last["content"].rstrip()
+    end = prompt.rfind(reply) if last["role"] == "assistant" and reply else -1
+    if end < 0:
+        raise BadInputError(
+            "there is no reply to continue here (the conversation is too long for the context, or the "
+            "model's chat template rewrites replies); regenerate it instead"
+        )
+    return prompt[: end + len(reply)]
 
 
 def check_gguf_file(path: Path) -> None:
@@ -196,12 +212,15 @@ class ChatService:
         settings: ChatSettings,
         model_path: Path,
         *,
+        models_dir: Path | None = None,
         find_embedded: Callable[[], Path | None] = find_embedded_model,
         gpu_offload: Callable[[], bool] = gpu_offload_supported,
     ) -> None:
         self._manager = manager
         self._settings = settings
-        self._model_path = model_path
+        self._model_path = model_path  # the default model; the Models page may pick another
+        self._models_dir = models_dir or model_path.parent
+        self._prefer_embedded = False
         self._find_embedded = find_embedded
         self._gpu_offload = gpu_offload
         self._announced_fallback = False
@@ -216,8 +235,41 @@ class ChatService:
     # -- which model ----------------------------------------------------
 
     def model_names(self) -> tuple[str, str]:
-        """(the configured model's name, the embedded model's name): what clients may ask for."""
+        """(the default model's name, the embedded model's name): what clients may ask for."""
         return self._model_path.stem, EMBEDDED_NAME
+
+    def installed_models(self) -> dict[str, Path]:
+        """Every chat model that can be picked, by name: the GGUF files in the models folder
+        (and one folder below it), the default model, and the embedded model when installed."""
+        found: dict[str, Path] = {}
+        if self._models_dir.is_dir():
+            for path in sorted([*self._models_dir.glob("*.gguf"), *self._models_dir.glob("*/*.gguf")]):
+                if path.is_file() and not path.name.startswith("."):
+                    found.setdefault(path.stem, path)
+        if self._model_path.is_file():
+            found.setdefault(self._model_path.stem, self._model_path)
+        embedded = self._find_embedded()
+        if embedded is not None:
+            found[EMBEDDED_NAME] = embedded
+        return found
+
+    @property
+    def selected_name(self) -> str:
+        """The model answering requests that name none."""
+        return EMBEDDED_NAME if self._prefer_embedded else self._model_path.stem
+
+    def select_model(self, name: str) -> None:
+        """Answer the next requests that name no model with ``name`` (one of ``installed_models``).
+        The model manager swaps it in when the next request comes; nothing loads now."""
+        choices = self.installed_models()
+        if name not in choices:
+            available = ", ".join(choices) or "none"
+            raise ModelMissingError(f"No chat model named '{name}'. Installed: {available}.")
+        if name == EMBEDDED_NAME:
+            self._prefer_embedded = True
+            return
+        self._prefer_embedded = False
+        self._model_path = choices[name]
 
     def models(self) -> list[CatalogEntry]:
         embedded = self._find_embedded()
@@ -229,6 +281,8 @@ class ChatService:
     def resolve_model(self, name: str | None = None) -> ResolvedModel:
         """The model asked for by name; by default the configured GGUF when present, else
         the embedded SmolLM2 with a notice."""
+        if name is None and self._prefer_embedded:
+            name = EMBEDDED_NAME
         if name == EMBEDDED_NAME:
             embedded = self._find_embedded()
             if embedded is None:
@@ -284,16 +338,18 @@ class ChatService:
         cancel: threading.Event | None = None,
         model: str | None = None,
         grammar: str | None = None,
+        continuing: bool = False,
     ) -> TextStream:
         """Stream the assistant's reply to ``messages`` (the last one from the user).
 
         The input is checked now; the model loads when iteration starts. A system
         message in ``messages`` wins over ``system_prompt``, which wins over config.
-        ``grammar`` (GBNF) constrains the output, e.g. to JSON.
+        ``grammar`` (GBNF) constrains the output, e.g. to JSON. ``continuing``: the last
+        message is a reply that was cut off; the stream is what follows it.
         """
         params = params or self.defaults
         params.check()
-        system, turns = self._check_messages(messages, system_prompt)
+        system, turns = self._check_messages(messages, system_prompt, continuing=continuing)
         resolved = self.resolve_model(model)
         constraint = compile_grammar(grammar) if grammar else None
         seed = params.seed if params.seed >= 0 else random.randrange(2**31)
@@ -304,7 +360,9 @@ class ChatService:
             spec = self.load_spec(resolved.path)
             try:
                 with self._manager.acquire(spec, cancel=cancel) as model:
-                    yield from self._generate(model, system, turns, params, seed, cancel, stream, constraint)
+                    yield from self._generate(
+                        model, system, turns, params, seed, cancel, stream, constraint, continuing
+                    )
             except RequestCancelledError:  # stopped while waiting for the model: nothing was generated
                 stream.finish_reason = "cancelled"
 
@@ -334,7 +392,7 @@ class ChatService:
             return stream.text()
 
     def _check_messages(
-        self, messages: Sequence[Message], system_prompt: str | None
+        self, messages: Sequence[Message], system_prompt: str | None, *, continuing: bool = False
     ) -> tuple[Message | None, list[Message]]:
         if not messages:
             raise BadInputError("there is no message to answer")
@@ -353,9 +411,15 @@ class ChatService:
                 turns.append({"role": role, "content": content})
         if system_texts:  # the conversation's own system messages, all of them, win over the default
             system_text = "\n\n".join(text for text in system_texts if text.strip())
-        if not turns or turns[-1]["role"] != "user":
+        if continuing:
+            if len(turns) < 2 or turns[-1]["role"] != "assistant" or not turns[-1]["content"].strip():
+                raise BadInputError("there is no reply to continue; send a message first")
+            asked = turns[-2]
+        elif not turns or turns[-1]["role"] != "user":
             raise BadInputError("the last message must come from the user")
-        last = turns[-1]["content"]
+        else:
+            asked = turns[-1]
+        last = asked["content"]
         if not last.strip():
             raise BadInputError("the message is empty; type something to send")
         limit = self._settings.max_message_chars
@@ -378,8 +442,10 @@ class ChatService:
         cancel: threading.Event | None,
         stream: TextStream,
         grammar: Any = None,
+        continuing: bool = False,
     ) -> Iterator[str]:
-        fitted = fit_to_context(model.tokens_for, system, turns, model.context_size, params.max_tokens)
+        tokens_for = functools.partial(model.tokens_for, continuing=continuing)
+        fitted = fit_to_context(tokens_for, system, turns, model.context_size, params.max_tokens)
         stream.prompt_tokens = len(fitted.tokens)
         stream.dropped_messages = fitted.dropped_messages
         if fitted.dropped_messages:

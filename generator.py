@@ -153,6 +153,7 @@ class ImageService:
         self._lora_cache: dict[Path, tuple[LoraFile, str]] = {}
         self._hashes: dict[tuple[Path, int, int], str] = {}
         self._cache_lock = threading.Lock()
+        self._selected: Path | None = None  # a checkpoint picked on the Models page, instead of image.model
         manager.register_loader("image", Loader(load=load_image_pipeline, estimate_bytes=self._estimate_bytes))
 
     # -- where things are -------------------------------------------------
@@ -167,8 +168,42 @@ class ImageService:
 
     @property
     def model_path(self) -> Path:
+        if self._selected is not None:
+            return self._selected
         path = Path(self._settings.model).expanduser()
         return path if path.is_absolute() else self._models_dir / path
+
+    def installed_models(self) -> dict[str, Path]:
+        """Every checkpoint that can be picked, by name: diffusers folders (with a model_index.json)
+        and single .safetensors files in the models folder, besides the configured model."""
+        found: dict[str, Path] = {}
+        folder = self._models_dir
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                if path.name.startswith(".") or path == self.lora_dir:
+                    continue
+                if (path.is_dir() and (path / "model_index.json").is_file()) or (
+                    path.is_file() and path.suffix == ".safetensors"
+                ):
+                    found[path.stem if path.is_file() else path.name] = path
+        current = self.model_path
+        if current.exists():
+            found.setdefault(current.stem if current.is_file() else current.name, current)
+        return found
+
+    @property
+    def selected_name(self) -> str:
+        path = self.model_path
+        return path.stem if path.is_file() else path.name
+
+    def select_model(self, name: str) -> None:
+        """Generate with ``name`` (one of ``installed_models``) from the next request on; the model
+        manager swaps it in then. LoRAs stay as they are: each request names its own."""
+        choices = self.installed_models()
+        if name not in choices:
+            available = ", ".join(choices) or "none"
+            raise ModelMissingError(f"No image model named '{name}'. Installed: {available}.")
+        self._selected = choices[name]
 
     @property
     def lora_dir(self) -> Path:
@@ -205,7 +240,9 @@ class ImageService:
         with self._cache_lock:
             if self._model_cache is not None and self._model_cache[0] == key:
                 return self._model_cache[1]
-        family = detect_family(path) if self._settings.family == "auto" else self._settings.family
+        # image.family describes the configured model; a checkpoint picked later is detected.
+        configured = self._settings.family != "auto" and self._selected is None
+        family = self._settings.family if configured else detect_family(path)
         config = None if path.is_dir() else self._config_dirs["sd15" if family == "sd15" else "sdxl"]
         try:
             dim = read_cross_attention_dim(config or path)

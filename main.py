@@ -40,7 +40,9 @@ def build_services(settings: Settings) -> Services:
     )
     return Services(
         manager=manager,
-        chat=ChatService(manager, settings.chat, settings.model_path(settings.chat.model)),
+        chat=ChatService(
+            manager, settings.chat, settings.model_path(settings.chat.model), models_dir=settings.models_dir
+        ),
         vision=VisionService(manager, settings.vision, settings.model_path(settings.vision.model)),
         images=ImageService(manager, settings.image, settings.models_dir),
     )

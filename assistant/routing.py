@@ -501,7 +501,8 @@ def route_message(text: str, *, has_image: bool = False) -> RouteDecision | None
     if command == "describe":
         if has_image:
             return RouteDecision("vision", "command /describe", rest, None, "command")
-        return RouteDecision("chat", "/describe without an image", rest, HINT_ATTACH, "command")
+        # Nothing to look at: only the hint. A chat model asked about a missing picture invents one.
+        return RouteDecision("chat", "/describe without an image", "", HINT_ATTACH, "command")
     if has_image:
         drawing = _rules(rest)
         hint = HINT_IMAGE_TO_VISION if drawing is not None and drawing.route == "image" else None

@@ -234,3 +234,37 @@ def test_templates_without_a_system_role_get_it_folded_into_the_first_user_turn(
     assert prompt.startswith("[INST] Be brief.\n\nHi [/INST]Hello</s>")
     plain = chat_renderer("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}", "", "")
     assert plain([{"role": "system", "content": "Be brief."}, *ask("Hi")])[0] == "<system>Be brief.<user>Hi"
+
+
+def test_continue_goes_on_writing_the_cut_off_reply(service: ChatService) -> None:
+    cut_off = [*ask("Count from 1 to 12, separated by commas."), {"role": "assistant", "content": "1, 2, 3, 4, 5,"}]
+    params = GenerationParams(temperature=0.0, top_p=1.0, max_tokens=12, seed=1)
+    spec = service.load_spec(service.resolve_model().path)
+    with service._manager.acquire(spec) as model:
+        opened, _ = model.tokens_for(cut_off, continuing=True)
+        closed, _ = model.tokens_for(cut_off)
+        text = model.llama.detokenize(opened, special=True).decode()
+    # The prompt ends inside the reply, not after a closed turn and a new assistant header.
+    assert text.endswith("1, 2, 3, 4, 5,") and len(opened) < len(closed)
+    continuation = service.stream(cut_off, params, continuing=True).text()
+    assert continuation.lstrip().startswith("6"), continuation
+
+
+def test_continue_needs_a_reply_to_continue(service: ChatService) -> None:
+    with pytest.raises(BadInputError, match="no reply to continue"):
+        service.stream(ask("Hello"), GREEDY, continuing=True)
+
+
+def test_the_models_page_picks_another_chat_model(tmp_path: Path, embedded_model: Path) -> None:
+    import shutil
+
+    shutil.copy(embedded_model, tmp_path / "other-model.gguf")
+    service = ChatService(ModelManager(keep_alive_s=-1), ChatSettings(), tmp_path / "absent.gguf")
+    assert set(service.installed_models()) == {"other-model", EMBEDDED_NAME}
+    assert service.resolve_model().name == EMBEDDED_NAME  # the configured file is missing: fallback
+    service.select_model("other-model")
+    assert (service.selected_name, service.resolve_model().path) == ("other-model", tmp_path / "other-model.gguf")
+    service.select_model(EMBEDDED_NAME)
+    assert service.resolve_model() == service.resolve_model(EMBEDDED_NAME)
+    with pytest.raises(ModelMissingError, match="Installed: other-model"):
+        service.select_model("nope")

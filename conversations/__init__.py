@@ -1,0 +1,1 @@
+"""Saved conversations for the web UI: a per-owner SQLite store with copied image files."""
