@@ -255,8 +255,10 @@ class ChatService:
 
     @property
     def selected_name(self) -> str:
-        """The model answering requests that name none."""
-        return EMBEDDED_NAME if self._prefer_embedded else self._model_path.stem
+        """The model answering requests that name none (the embedded one while the default is missing)."""
+        if self._prefer_embedded or (not self._model_path.exists() and self._find_embedded() is not None):
+            return EMBEDDED_NAME
+        return self._model_path.stem
 
     def select_model(self, name: str) -> None:
         """Answer the next requests that name no model with ``name`` (one of ``installed_models``).

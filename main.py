@@ -52,13 +52,25 @@ def serve(services: Services, settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
     from api.app import create_app
-    from webui.app import build_ui
+    from conversations.store import ConversationStore
+    from webui.app import UI_CSS, build_ui
 
     server = settings.server.model_copy(update={"host": host, "port": port})
     require_safe_exposure(server)
     assistant = Assistant(services, settings.assistant)
-    demo = build_ui(services, settings, assistant)
-    app = create_app(services, server, settings.image.outputs_dir, demo, assistant, settings.audit)
+    store = ConversationStore(settings.data_dir / "conversations")
+    exports_dir = settings.data_dir / "exports"
+    demo = build_ui(services, settings, assistant, store, exports_dir)
+    app = create_app(
+        services,
+        server,
+        settings.image.outputs_dir,
+        demo,
+        assistant,
+        settings.audit,
+        ui_folders=[store.files_dir, exports_dir],
+        css=UI_CSS,
+    )
     removed = remove_partial_files(settings.image.outputs_dir)
     if removed:
         log.info("removed %d unfinished image file(s) left by an earlier crash", removed)

@@ -22,6 +22,7 @@ ENVIRONMENT_OVERRIDES = {
     "ENCLAVE_HOST": ("server", "host"),
     "ENCLAVE_PORT": ("server", "port"),
     "ENCLAVE_MODELS_DIR": ("models_dir",),
+    "ENCLAVE_DATA_DIR": ("data_dir",),
     "ENCLAVE_API_KEY": ("server", "api_key"),
 }
 
@@ -166,6 +167,7 @@ class AuditSettings(_Strict):
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     models_dir: Path = Path("models")
+    data_dir: Path = Path("data")
     manager: ManagerSettings = ManagerSettings()
     chat: ChatSettings = ChatSettings()
     vision: VisionSettings = VisionSettings()
@@ -195,6 +197,7 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
     return settings.model_copy(
         update={
             "models_dir": _anchor(settings.models_dir, base),
+            "data_dir": _anchor(settings.data_dir, base),
             "image": settings.image.model_copy(update={"outputs_dir": outputs_dir}),
             "audit": settings.audit.model_copy(update={"path": _anchor(settings.audit.path, base)}),
         }

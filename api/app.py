@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ def create_app(
     demo: gr.Blocks | None = None,
     assistant: Assistant | None = None,
     audit: AuditSettings | None = None,
+    ui_folders: Sequence[Path] = (),
+    css: str | None = None,
 ) -> FastAPI:
     app = FastAPI(title="Enclave", docs_url="/api/docs", redoc_url=None)
     max_body = int(server.max_request_mb * 2**20)
@@ -98,13 +101,15 @@ def create_app(
 
     app.include_router(openai_router(services, server, outputs_dir, assistant))
     if demo is not None:
-        # Generated images live in outputs_dir; the chat shows them inline.
+        # Generated images live in outputs_dir, saved conversations' images and exports in ui_folders;
+        # the UI shows them.
         app = gr.mount_gradio_app(
             app,
             demo,
             path="/",
             footer_links=["settings"],
-            allowed_paths=[str(outputs_dir)],
+            allowed_paths=[str(outputs_dir), *map(str, ui_folders)],
+            css=css,
             # With an API key the browser UI asks for it too (any user name, the key as password).
             auth=(lambda _user, password: key_matches(password, server.api_key)) if server.api_key else None,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -56,9 +58,13 @@ class RunningApp:
 
 
 def start_app(
-    config: Path, log_path: Path, timeout_s: float = 90.0, extra_env: dict[str, str] | None = None
+    config: Path,
+    log_path: Path,
+    timeout_s: float = 90.0,
+    extra_env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> RunningApp:
-    port = free_port()
+    port = port or free_port()
     # One torch thread: the app shares two cores with the test process.
     env = {
         **os.environ,
@@ -157,3 +163,40 @@ def running_app(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> 
     app = start_app(config, folder / "app.log")
     yield app
     stop_app(app)
+
+
+# -- a real browser --------------------------------------------------------------------------------
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Any]:
+    """Playwright's sync API (one per module: it runs its own event loop)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as running:
+        yield running
+
+
+def chromium_context(playwright: Any, profile: Path) -> Any:
+    """Debian's Chromium, headless, with its own profile (and so its own browser storage)."""
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert executable, "Chromium is missing: run 'make test' or apt-get install chromium"
+    return playwright.chromium.launch_persistent_context(
+        str(profile), executable_path=executable, headless=True, args=CHROMIUM_FLAGS
+    )
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    context = chromium_context(playwright, tmp_path_factory.mktemp("chromium-profile"))
+    yield context
+    context.close()

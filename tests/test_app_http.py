@@ -65,15 +65,17 @@ def test_empty_message_is_not_sent(running_app: RunningApp) -> None:
     assert history == []
 
 
-def test_huge_message_gets_a_clear_error_and_the_app_keeps_running(running_app: RunningApp) -> None:
+def test_huge_message_gets_a_clear_error_in_the_conversation_and_the_app_keeps_running(
+    running_app: RunningApp,
+) -> None:
     client = Client(running_app.url, verbose=False)
-    try:
-        client.predict(said("x" * 200_000), [], "", 0.0, 1.0, 16, 1.0, 1, api_name="/chat")
-        raised = None
-    except Exception as error:  # gradio_client raises AppError carrying the gr.Error text
-        raised = str(error)
-    assert raised is not None and "200,000 characters" in raised
-    _, history = client.predict(said("Say hi."), [], "", 0.0, 1.0, 8, 1.0, 1, api_name="/chat")
+    _, history = client.predict(said("x" * 200_000), [], "", 0.0, 1.0, 16, 1.0, 1, api_name="/chat")
+    # The conversation shows why, marked so it is never sent to a model.
+    assert len(history) == 1 and history[0]["metadata"]["log"] == "error"
+    assert "200,000 characters; the limit is" in reply_text(history)
+    assert reply_text(history).startswith("⚠️ The message")
+    _, history = client.predict(said("Say hi."), history, "", 0.0, 1.0, 8, 1.0, 1, api_name="/chat")
+    assert roles(history) == ["user", "note", "assistant"], "the earlier error is gone once the user tries again"
     assert reply_text(history).strip()
 
 

@@ -3,41 +3,16 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import time
 
 import httpx
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, expect, sync_playwright
+from playwright.sync_api import expect
 
 from tests.conftest import ARTIFACTS, RunningApp
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Browser:
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert executable, "Chromium is missing: run 'make test' or apt-get install chromium"
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=executable,
-            headless=True,
-            args=CHROMIUM_FLAGS,
-        )
-        yield context
-        context.close()
 
 
 def last_answer(page):  # -> Locator
@@ -86,7 +61,7 @@ def test_stop_cancels_a_reply_mid_stream_and_releases_the_model(running_app: Run
     # Greedy, without a repeat penalty, SmolLM2 answers this with a loop that runs to the token
     # limit (1500 tokens, tens of seconds here): a reply that ends within seconds was stopped.
     for label, value in (("Max new tokens", "1500"), ("Temperature", "0"), ("Repeat penalty (1: off)", "1")):
-        field = page.get_by_label(f"number input for {label}")
+        field = page.get_by_label(label, exact=True)
         field.fill(value)
         field.press("Tab")
     box = page.locator("#chat-input textarea")
@@ -103,6 +78,7 @@ def test_stop_cancels_a_reply_mid_stream_and_releases_the_model(running_app: Run
         time.sleep(0.1)
     else:
         pytest.fail("the model stayed in use after Stop")
+    expect(reply).to_contain_text("(stopped)", timeout=5_000)  # a stopped reply says so
     stopped_at = reply.inner_text()
     page.wait_for_timeout(1000)
     assert reply.inner_text() == stopped_at, "the reply kept growing after Stop"

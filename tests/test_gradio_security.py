@@ -565,7 +565,7 @@ def test_client_addresses_are_keyed_as_one_machine_holds_them() -> None:
 def test_the_login_page_works_in_a_browser(guarded_ui: RunningApp, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    from tests.test_browser import CHROMIUM_FLAGS
+    from tests.conftest import CHROMIUM_FLAGS
 
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     assert executable, "Chromium is missing: run 'make test' or apt-get install chromium"

@@ -2,7 +2,9 @@
 
 Each message is routed (assistant.py): an attached image goes to the vision model,
 a request to draw to the image generator, the rest to the chat model. Every answer
-shows where it went and why; generated images appear inline.
+shows where it went and why; generated images appear inline. A failed turn shows its
+message in the conversation and gives the message back to the input box. Every turn is
+saved (``conversations_panel``): when it starts, and when its answer is complete.
 """
 
 from __future__ import annotations
@@ -17,30 +19,80 @@ import gradio as gr
 from assistant.dispatch import Assistant, Drawing, PendingDrawing, route_title
 from assistant.routing import RouteDecision
 from chat import ChatService
-from webui.common import History, as_gradio_error, plain_history, stream_into
+from generator import ImageService
+from text_generation.stream import GenerationParams
+from webui.common import (
+    STOPPED_MARK,
+    History,
+    error_bubble,
+    for_user_only,
+    hint_bubble,
+    plain_history,
+    stream_into,
+    text_of,
+    without_errors,
+)
+from webui.conversations_panel import Saver
+from webui.fields import Bounds, number_field, problems, watch_fields
+from webui.history import conversation_image
 
-Update = tuple[Any, History, str | None]  # (input box, chatbot, the image the conversation is about)
+Update = tuple[Any, History, str]  # (input box, chatbot, the saved conversation's id)
+LENGTH_MARK = " …"
+CHAT_CONCURRENCY = 8  # replies that may wait for their model at once; the model manager queues them fairly
+
+SAMPLING_BOUNDS = (
+    Bounds("Temperature", 0, 2),
+    Bounds("Top p", 0.01, 1),
+    Bounds("Max new tokens", 1, 32768, integer=True),
+    Bounds("Repeat penalty (1: off)", 0.5, 2),
+    Bounds("Seed (-1: random)", 0, 2**31 - 1, integer=True, special=-1),
+)
 
 
 @dataclass(frozen=True)
 class ChatTab:
     chatbot: gr.Chatbot
     message: gr.MultimodalTextbox
-    active_image: gr.State
     stop: gr.Button
-    clear: gr.Button
+    resume: gr.Button
+    commands: gr.Markdown
     system_prompt: gr.Textbox
-    temperature: gr.Slider
-    top_p: gr.Slider
-    max_tokens: gr.Slider
-    repeat_penalty: gr.Slider
+    temperature: gr.Number
+    top_p: gr.Number
+    max_tokens: gr.Number
+    repeat_penalty: gr.Number
     seed: gr.Number
+    field_problems: gr.Markdown
+
+    @property
+    def sampling(self) -> list[gr.Number]:
+        return [self.temperature, self.top_p, self.max_tokens, self.repeat_penalty, self.seed]
 
 
-def build_chat_tab(chat: ChatService, system_prompt: str) -> ChatTab:
-    defaults = chat.defaults
-    chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chatbot")
-    with gr.Row():
+def commands_hint(images: ImageService, vision_missing: str | None) -> str:
+    """The line under the input: what can be asked, given what is installed."""
+    parts = []
+    if images.availability() is None:
+        parts.append("`/draw …` or `/image …` makes a picture")
+    else:
+        parts.append("drawing needs an image model (see the Models tab)")
+    if vision_missing is None:
+        parts.append("`/describe …` asks about the attached picture")
+    else:
+        parts.append("questions about pictures need the vision model (see the Models tab)")
+    parts.append("`/chat …` talks to the chat model")
+    return "Commands: " + ", ".join(parts) + ". Without a command the request is recognised (English and German)."
+
+
+def build_chat_tab(defaults: GenerationParams, system_prompt: str, commands: str) -> ChatTab:
+    chatbot = gr.Chatbot(
+        label="Conversation",
+        height="60vh",
+        editable="user",
+        elem_id="chatbot",
+        buttons=["copy", "copy_all"],
+    )
+    with gr.Row(elem_id="chat-input-row", equal_height=True):
         message = gr.MultimodalTextbox(
             placeholder="Message, a picture to ask about, or “draw …” — Enter sends",
             file_types=["image"],
@@ -48,35 +100,41 @@ def build_chat_tab(chat: ChatService, system_prompt: str) -> ChatTab:
             sources=["upload"],
             show_label=False,
             scale=8,
+            min_width=160,
             elem_id="chat-input",
         )
-        stop = gr.Button("Stop", scale=1, elem_id="chat-stop")
-        clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
-    gr.Markdown(
-        "Commands: `/draw …` or `/image …` makes a picture, `/describe …` asks about the attached picture, "
-        "`/chat …` talks to the chat model. Without a command the request is recognised (English and German).",
-        elem_classes=["hint"],
-    )
+        stop = gr.Button("Stop", scale=1, min_width=60, elem_id="chat-stop")
+        resume = gr.Button("Continue", scale=1, min_width=60, elem_id="chat-continue")
+    hint = gr.Markdown(commands, elem_classes=["hint"], elem_id="chat-commands")
     with gr.Accordion("Parameters", open=False):
         system = gr.Textbox(label="System prompt", value=system_prompt, lines=2)
         with gr.Row():
-            temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature")
-            top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.01, label="Top p")
-            max_tokens = gr.Slider(1, 4096, value=defaults.max_tokens, step=1, label="Max new tokens")
-            repeat_penalty = gr.Slider(
-                0.5, 2, value=defaults.repeat_penalty, step=0.05, label="Repeat penalty (1: off)"
-            )
-            seed = gr.Number(value=defaults.seed, precision=0, label="Seed (-1: random)")
-    active_image = gr.State(None)
-    return ChatTab(
-        chatbot, message, active_image, stop, clear, system, temperature, top_p, max_tokens, repeat_penalty, seed
-    )
+            values = (defaults.temperature, defaults.top_p, defaults.max_tokens, defaults.repeat_penalty, defaults.seed)
+            fields = [number_field(bounds, value) for bounds, value in zip(SAMPLING_BOUNDS, values, strict=True)]
+        field_problems = gr.Markdown(visible=False, elem_id="chat-field-problems", elem_classes=["field-problems"])
+    return ChatTab(chatbot, message, stop, resume, hint, system, *fields, field_problems)
+
+
+def checked_sampling(
+    temperature: float, top_p: float, max_tokens: float, repeat_penalty: float, seed: float
+) -> dict[str, Any] | str:
+    """The sampling values as the model takes them, or what is wrong with them (nothing is changed)."""
+    values = (temperature, top_p, max_tokens, repeat_penalty, seed)
+    found = problems(list(zip(SAMPLING_BOUNDS, values, strict=True)))
+    if found:
+        return "\n".join(found)
+    return {
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_tokens": int(max_tokens),
+        "repeat_penalty": repeat_penalty,
+        "seed": int(seed),
+    }
 
 
 def note(decision: RouteDecision, text: str = "") -> dict[str, Any]:
     """The small collapsible line that says where a message went and why."""
-    body = "\n\n".join(part for part in (text, decision.hint or "") if part)
-    return {"role": "assistant", "content": body, "metadata": {"title": route_title(decision), "status": "done"}}
+    return {"role": "assistant", "content": text, "metadata": {"title": route_title(decision), "status": "done"}}
 
 
 def drawing_messages(drawing: Drawing) -> list[dict[str, Any]]:
@@ -95,19 +153,45 @@ def drawing_messages(drawing: Drawing) -> list[dict[str, Any]]:
     return messages
 
 
-def make_chat_handler(assistant: Assistant, running: dict[str, threading.Event]) -> Callable[..., Iterator[Update]]:
-    """``running`` maps a browser session to the switch its Stop button sets, while a reply runs."""
+def last_reply_index(history: History) -> int | None:
+    """Where the newest model-written reply is, if the conversation ends with one."""
+    for index in range(len(history) - 1, -1, -1):
+        message = history[index]
+        if message.get("role") == "user":
+            return None
+        if not for_user_only(message) and isinstance(text_of(message.get("content")), str):
+            return index if text_of(message.get("content")) else None
+    return None
+
+
+def last_user_text_index(history: History) -> int | None:
+    for index in range(len(history) - 1, -1, -1):
+        if history[index].get("role") == "user" and text_of(history[index].get("content")):
+            return index
+    return None
+
+
+@dataclass
+class ChatHandlers:
+    """The tab's handlers; ``running`` maps a browser session to the switch its Stop button sets."""
+
+    assistant: Assistant
+    chat: ChatService
+    saver: Saver
+    running: dict[str, threading.Event]
 
     def respond(
+        self,
         message: dict[str, Any] | None,
         history: History,
-        active_image: str | None,
         system_prompt: str,
         temperature: float,
         top_p: float,
         max_tokens: float,
         repeat_penalty: float,
         seed: float,
+        conversation: str,
+        owner: str,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way to ask for a progress bar
     ) -> Iterator[Update]:
@@ -115,40 +199,37 @@ def make_chat_handler(assistant: Assistant, running: dict[str, threading.Event])
         files = (message or {}).get("files") or []
         attached = str(files[-1]) if files else None
         if not text.strip() and not attached:
-            yield gr.skip(), history, active_image  # an empty message is not sent
+            yield gr.skip(), history, conversation  # an empty message is not sent
             return
-        session = request.session_hash or ""
-        cancel = running[session] = threading.Event()
-        sampling = {
-            "temperature": temperature,
-            "top_p": top_p,
-            "max_tokens": int(max_tokens),
-            "repeat_penalty": repeat_penalty,
-            "seed": int(seed) if seed is not None else None,
-        }
-        try:
-            yield from answer_message(
-                message, text, attached, history, active_image, system_prompt, sampling, cancel, progress
-            )
-        finally:
-            if running.get(session) is cancel:
-                del running[session]
+        history = without_errors(history)
+        sampling = checked_sampling(temperature, top_p, max_tokens, repeat_penalty, seed)
+        if isinstance(sampling, str):  # refused as typed, in the conversation: the message stays in the box
+            yield gr.skip(), [*history, error_bubble(sampling)], conversation
+            return
+        with self._switch(request) as cancel:
+            yield from self._answer(message, text, attached, history, system_prompt, sampling, cancel, progress, (
+                conversation, owner
+            ))  # fmt: skip
 
-    def answer_message(
+    def _switch(self, request: gr.Request) -> Any:
+        return _Switch(self.running, request.session_hash or "")
+
+    def _answer(
+        self,
         message: dict[str, Any] | None,
         text: str,
         attached: str | None,
         history: History,
-        active_image: str | None,
         system_prompt: str,
         sampling: dict[str, Any],
         cancel: threading.Event,
         progress: gr.Progress,
+        saved: tuple[str, str],
     ) -> Iterator[Update]:
-        image = attached or active_image
-        history = list(history or [])
+        conversation, owner = saved
+        image = attached or conversation_image(history)
         try:
-            answer = assistant.answer(
+            answer = self.assistant.answer(
                 text,
                 image=image,
                 history=plain_history(history),
@@ -156,78 +237,210 @@ def make_chat_handler(assistant: Assistant, running: dict[str, threading.Event])
                 system_prompt=system_prompt,
                 cancel=cancel,
             )
-        except Exception as error:
-            raise as_gradio_error(error) from None  # nothing yielded: the message stays in the box
+        except Exception as error:  # the message stays in the box; the reason shows in the conversation
+            yield gr.skip(), [*history, error_bubble(error)], conversation
+            return
         decision = answer.decision
         shown = [*history]
         if attached:
             shown.append({"role": "user", "content": {"path": attached}})
         if text.strip():
             shown.append({"role": "user", "content": text})
-        if answer.hint_only:
-            yield "", [*shown, note(decision)], image
-            return
         shown.append(note(decision))
-        if answer.drawing is not None:
-            yield from draw(answer.drawing, shown, message, history, active_image, progress)
+        if decision.hint:
+            shown.append(hint_bubble(decision.hint))
+        conversation = self.saver.save(owner, conversation, shown)
+        if answer.hint_only:
+            yield "", shown, conversation
             return
-        assert answer.text is not None
-        keep_image = image if decision.route == "vision" else active_image
-        yield "", shown, keep_image
-        try:
-            for chatbot in stream_into(answer.text, shown):
-                yield gr.skip(), chatbot, keep_image
-        except Exception as error:
-            yield message, history, active_image  # give the message back; nothing is lost
-            raise as_gradio_error(error) from None
+        yield "", shown, conversation
+        if answer.drawing is not None:
+            done = yield from self._draw(answer.drawing, shown, message, history, conversation, progress)
+        else:
+            assert answer.text is not None
+            done = yield from self._stream(answer.text, shown, message, history, conversation)
+        self.saver.save(owner, conversation, done)
 
-    def draw(
+    def _stream(
+        self, stream: Any, shown: History, message: Any, history: History, conversation: str
+    ) -> Iterator[Update]:
+        chatbot = shown
+        try:
+            for chatbot in stream_into(stream, shown):
+                yield gr.skip(), chatbot, conversation
+        except Exception as error:  # give the message back; the reason shows where the answer would be
+            chatbot = [*history, error_bubble(error)]
+            yield message, chatbot, conversation
+        return chatbot
+
+    def _draw(
+        self,
         drawing: PendingDrawing,
         shown: History,
-        message: dict[str, Any] | None,
+        message: Any,
         history: History,
-        active_image: str | None,
+        conversation: str,
         progress: gr.Progress,
     ) -> Iterator[Update]:
-        yield "", shown, active_image
         try:
             prompt = drawing.prompt()
-            shown[-1] = note(drawing.decision, f"Prompt written by the {prompt.by}: {prompt.prompt}")
-            yield gr.skip(), shown, active_image
+            index = next(i for i in range(len(shown) - 1, -1, -1) if (shown[i].get("metadata") or {}).get("title"))
+            shown[index] = note(drawing.decision, f"Prompt written by the {prompt.by}: {prompt.prompt}")
+            yield gr.skip(), shown, conversation
             done = drawing.draw(lambda step, total: progress((step, total), desc="Drawing", unit="steps"))
-        except Exception as error:
-            yield message, history, active_image  # give the request back; nothing is lost
-            raise as_gradio_error(error) from None
-        yield gr.skip(), [*shown, *drawing_messages(done)], active_image
+        except Exception as error:  # give the request back; the reason shows where the picture would be
+            failed = [*history, error_bubble(error)]
+            yield message, failed, conversation
+            return failed
+        finished = [*shown, *drawing_messages(done)]
+        yield gr.skip(), finished, conversation
+        return finished
 
-    return respond
+    def regenerate(
+        self,
+        history: History,
+        system_prompt: str,
+        temperature: float,
+        top_p: float,
+        max_tokens: float,
+        repeat_penalty: float,
+        seed: float,
+        conversation: str,
+        owner: str,
+        request: gr.Request,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008
+    ) -> Iterator[Update]:
+        """Answer the last message again: the reply after it is replaced."""
+        history = without_errors(history)
+        index = last_user_text_index(history)
+        if index is None:
+            yield gr.skip(), [*history, hint_bubble("There is no message to answer again.")], conversation
+            return
+        message = {"text": text_of(history[index].get("content")), "files": []}
+        settings = (system_prompt, temperature, top_p, max_tokens, repeat_penalty, seed, conversation, owner)
+        yield from self.respond(message, history[:index], *settings, request, progress)
 
+    def edit(
+        self,
+        history: History,
+        system_prompt: str,
+        temperature: float,
+        top_p: float,
+        max_tokens: float,
+        repeat_penalty: float,
+        seed: float,
+        conversation: str,
+        owner: str,
+        edited: gr.EditData,
+        request: gr.Request,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008
+    ) -> Iterator[Update]:
+        """A user message was edited in place: the conversation continues from the edited message."""
+        index = edited.index if isinstance(edited.index, int) else edited.index[0]
+        if not 0 <= index < len(history) or history[index].get("role") != "user":
+            yield gr.skip(), gr.skip(), gr.skip()
+            return
+        text = edited.value if isinstance(edited.value, str) else text_of(edited.value)
+        settings = (system_prompt, temperature, top_p, max_tokens, repeat_penalty, seed, conversation, owner)
+        yield from self.respond({"text": text, "files": []}, history[:index], *settings, request, progress)
 
-def wire_chat_tab(tab: ChatTab, assistant: Assistant, after: Callable[[Any], None]) -> None:
-    """Connect the tab's events; ``after(event)`` chains what should follow each reply."""
-    running: dict[str, threading.Event] = {}  # one Stop switch per browser session, while it has a reply running
-    respond = make_chat_handler(assistant, running)
+    def resume(
+        self,
+        history: History,
+        system_prompt: str,
+        temperature: float,
+        top_p: float,
+        max_tokens: float,
+        repeat_penalty: float,
+        seed: float,
+        conversation: str,
+        owner: str,
+        request: gr.Request,
+    ) -> Iterator[Update]:
+        """Continue a reply that was stopped or ran out of tokens."""
+        history = without_errors(history)
+        index = last_reply_index(history)
+        routed_to_chat = any(
+            (m.get("metadata") or {}).get("title", "").startswith("→ chat model") for m in history[-4:]
+        )
+        if index is None or not routed_to_chat:
+            yield gr.skip(), [*history, hint_bubble("Continue goes on with the chat model's last reply.")], conversation
+            return
+        sampling = checked_sampling(temperature, top_p, max_tokens, repeat_penalty, seed)
+        if isinstance(sampling, str):
+            yield gr.skip(), [*history, error_bubble(sampling)], conversation
+            return
+        reply = text_of(history[index]["content"]).removesuffix(STOPPED_MARK).rstrip().removesuffix("…").rstrip()
+        shown = [*history[:index], {**history[index], "content": reply}]
+        params = self.chat.defaults.override(**sampling)
+        with self._switch(request) as cancel:
+            try:
+                stream = self.chat.stream(
+                    plain_history(shown), params, system_prompt=system_prompt, cancel=cancel, continuing=True
+                )
+            except Exception as error:
+                yield gr.skip(), [*history, error_bubble(error)], conversation
+                return
+            done = shown
+            try:
+                for done in stream_into(stream, shown[:-1]):
+                    done[-1] = {**shown[-1], "content": reply + text_of(done[-1]["content"])}
+                    yield gr.skip(), done, conversation
+            except Exception as error:
+                done = [*history, error_bubble(error)]
+                yield gr.skip(), done, conversation
+            self.saver.save(owner, conversation, done)
 
-    def stop(request: gr.Request) -> None:
-        switch = running.get(request.session_hash or "")
+    def stop(self, request: gr.Request) -> None:
+        switch = self.running.get(request.session_hash or "")
         if switch is not None:
-            switch.set()
+            switch.set()  # reaches the model manager's queue and the generation; the reply gets its mark
 
-    inputs = [
-        tab.message,
-        tab.chatbot,
-        tab.active_image,
-        tab.system_prompt,
-        tab.temperature,
-        tab.top_p,
-        tab.max_tokens,
-        tab.repeat_penalty,
-        tab.seed,
+
+class _Switch:
+    """The session's Stop switch while a reply runs; removed when the reply ends."""
+
+    def __init__(self, running: dict[str, threading.Event], session: str) -> None:
+        self._running, self._session = running, session
+        self._event = threading.Event()
+
+    def __enter__(self) -> threading.Event:
+        self._running[self._session] = self._event
+        return self._event
+
+    def __exit__(self, *exc: object) -> None:
+        if self._running.get(self._session) is self._event:
+            del self._running[self._session]
+
+
+def wire_chat_tab(
+    tab: ChatTab,
+    handlers: ChatHandlers,
+    conversation: gr.State,
+    owner: gr.State,
+    after: Callable[[Any], None],
+) -> list[Any]:
+    """Connect the tab's events; ``after(event)`` chains what should follow each reply.
+    Returns the events that change the conversation."""
+    inputs = [tab.chatbot, tab.system_prompt, *tab.sampling, conversation, owner]
+    outputs = [tab.message, tab.chatbot, conversation]
+    private: dict[str, Any] = {"api_visibility": "private", "concurrency_limit": CHAT_CONCURRENCY}
+    events = [
+        tab.message.submit(
+            handlers.respond, [tab.message, *inputs], outputs, api_name="chat", concurrency_limit=CHAT_CONCURRENCY
+        )
     ]
-    outputs = [tab.message, tab.chatbot, tab.active_image]
-    submitted = tab.message.submit(respond, inputs, outputs, api_name="chat", concurrency_limit=1)
-    after(submitted)
-    tab.stop.click(stop, None, None, cancels=[submitted], api_visibility="private", queue=False)
-    tab.clear.click(
-        lambda: ([], None, None), None, [tab.chatbot, tab.message, tab.active_image], api_visibility="private"
-    )
+    for listen, handler in (
+        (tab.chatbot.retry, handlers.regenerate),
+        (tab.chatbot.edit, handlers.edit),
+        (tab.resume.click, handlers.resume),
+    ):
+        events.append(listen(handler, inputs, outputs, **private))
+    for event in events:
+        after(event)
+    tab.stop.click(handlers.stop, None, None, api_visibility="private", queue=False)
+    # The chatbot's own Clear starts a new conversation: the saved one stays as it was.
+    tab.chatbot.clear(lambda: "", None, conversation, api_visibility="private")
+    fields = list(zip(SAMPLING_BOUNDS, tab.sampling, strict=True))
+    watch_fields(fields, tab.field_problems)
+    return events

@@ -28,23 +28,58 @@ def text_of(content: Any) -> str:
     return ""
 
 
+# Messages the UI adds for the user only (errors, hints) carry one of these in metadata["log"]:
+# Gradio keeps that field on the way back from the browser and shows it only on titled notes.
+ERROR_MARK = "error"
+HINT_MARK = "hint"
+STOPPED_MARK = "*(stopped)*"
+
+
+def for_user_only(message: dict[str, Any]) -> bool:
+    """Route notes (a title), errors and hints are shown, never sent to a model."""
+    metadata = message.get("metadata") or {}
+    return bool(metadata.get("title")) or metadata.get("log") in (ERROR_MARK, HINT_MARK)
+
+
 def plain_history(history: History | None) -> list[Message]:
-    """The text turns of a chatbot's history: route notes (messages with a title) and
-    pictures are shown to the user, not sent to a model."""
+    """The text turns of a chatbot's history: route notes, errors, hints and pictures are
+    shown to the user, not sent to a model."""
     turns: list[Message] = []
     for message in history or []:
         text = text_of(message.get("content"))
-        if message.get("role") in ("user", "assistant") and text and not (message.get("metadata") or {}).get("title"):
+        if message.get("role") in ("user", "assistant") and text and not for_user_only(message):
+            if message["role"] == "assistant" and text.endswith(STOPPED_MARK):
+                text = text.removesuffix(STOPPED_MARK).rstrip()
             turns.append({"role": message["role"], "content": text})
     return turns
 
 
-def as_gradio_error(error: Exception) -> gr.Error:
+def sentence(text: str) -> str:
+    """Messages shown as they are start with a capital."""
+    return text[:1].upper() + text[1:]
+
+
+def user_message(error: Exception) -> str:
     """Typed errors carry a message for the user; anything else is a bug: log it, say so."""
     if isinstance(error, AppError):
-        return gr.Error(str(error))
+        return sentence(str(error))
     log.error("unexpected error in the UI", exc_info=error)
-    return gr.Error(f"Unexpected error ({type(error).__name__}: {error}). The app keeps running; the log has details.")
+    return f"Unexpected error ({type(error).__name__}: {error}). The app keeps running; the log has details."
+
+
+def error_bubble(error: Exception | str) -> dict[str, Any]:
+    """A failed turn's message, shown in the conversation where the answer would have been."""
+    text = error if isinstance(error, str) else user_message(error)
+    return {"role": "assistant", "content": f"⚠️ {text}", "metadata": {"log": ERROR_MARK}}
+
+
+def hint_bubble(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": f"Tip: {text}", "metadata": {"log": HINT_MARK}}
+
+
+def without_errors(history: History | None) -> History:
+    """The conversation without earlier error messages: they are gone once the user tries again."""
+    return [m for m in history or [] if (m.get("metadata") or {}).get("log") != ERROR_MARK]
 
 
 def stream_into(stream: TextStream, shown: History) -> Iterator[History]:
@@ -60,17 +95,17 @@ def stream_into(stream: TextStream, shown: History) -> Iterator[History]:
         shown[-1]["content"] += " …"
         yield shown
     elif stream.finish_reason == "cancelled":
-        shown[-1]["content"] += " *(stopped)*"
+        shown[-1]["content"] = f"{shown[-1]['content'].rstrip()} {STOPPED_MARK}".lstrip()
         yield shown
 
 
 def stream_reply(
-    stream: TextStream, earlier: list[Message], question: str, shown_question: str | None = None
+    stream: TextStream, earlier: History, question: str, shown_question: str | None = None
 ) -> Iterator[tuple[Any, History]]:
     """Yield (input box, chatbot) updates while ``stream`` answers ``question``.
 
-    On an error the question goes back into the input box and the chatbot returns to
-    ``earlier``, so nothing the user typed is lost.
+    On an error the question goes back into the input box and the conversation shows the
+    message where the answer would have been, so nothing the user typed is lost.
     """
     shown: History = [*earlier, {"role": "user", "content": shown_question or question}]
     yield "", shown
@@ -78,8 +113,7 @@ def stream_reply(
         for chatbot in stream_into(stream, shown):
             yield gr.skip(), chatbot
     except Exception as error:
-        yield question, earlier
-        raise as_gradio_error(error) from None
+        yield question, [*earlier, error_bubble(error)]
 
 
 def format_size(size: int) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 
 from vision import VisionService
-from webui.common import History, as_gradio_error, plain_history, stream_reply
+from webui.common import History, error_bubble, hint_bubble, plain_history, stream_reply, without_errors
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,12 @@ def vision_notice(vision: VisionService) -> str:
     if missing:
         return f"⚠️ {missing}"
     return f"ℹ️ {vision.notice()}" if vision.notice() else ""
+
+
+def ask_button(vision: VisionService) -> dict[str, Any]:
+    """Ask is only offered with a model behind it; a disabled button says why."""
+    missing = vision.availability()
+    return {"value": "Ask" if not missing else "Ask (no vision model: see Models)", "interactive": not missing}
 
 
 def build_vision_tab(vision: VisionService, default_question: str) -> VisionTab:
@@ -53,7 +59,7 @@ def build_vision_tab(vision: VisionService, default_question: str) -> VisionTab:
             scale=8,
             elem_id="vision-question",
         )
-        ask = gr.Button("Ask", variant="primary", scale=1, elem_id="vision-ask")
+        ask = gr.Button(variant="primary", scale=1, elem_id="vision-ask", **ask_button(vision))
         stop = gr.Button("Stop", scale=1, elem_id="vision-stop")
         clear = gr.Button("Clear", scale=1, elem_id="vision-clear")
     return VisionTab(notice, image, chatbot, question, ask, stop, clear)
@@ -67,8 +73,10 @@ def make_vision_handler(
     def answer(
         image_path: str | None, question: str, history: History, request: gr.Request
     ) -> Iterator[tuple[Any, History]]:
+        history = without_errors(history)
         if not image_path:
-            raise gr.Error("Upload, paste or take a picture first; then ask about it.")
+            yield gr.skip(), [*history, hint_bubble("Upload, paste or take a picture first; then ask about it.")]
+            return
         asked = question.strip() or default_question
         earlier = plain_history(history)
         session = request.session_hash or ""
@@ -76,9 +84,10 @@ def make_vision_handler(
         try:
             try:
                 stream = vision.stream(image_path, [*earlier, {"role": "user", "content": asked}], cancel=cancel)
-            except Exception as error:
-                raise as_gradio_error(error) from None  # nothing yielded: the question stays in the box
-            yield from stream_reply(stream, earlier, question, shown_question=asked)
+            except Exception as error:  # the question stays in the box; the message goes where the answer would
+                yield gr.skip(), [*history, error_bubble(error)]
+                return
+            yield from stream_reply(stream, history, question, shown_question=asked)
         finally:
             if running.get(session) is cancel:
                 del running[session]
@@ -101,7 +110,8 @@ def wire_vision_tab(tab: VisionTab, vision: VisionService, default_question: str
     clicked = tab.ask.click(answer, inputs, outputs, api_visibility="private", concurrency_limit=1)
     after(submitted)
     after(clicked)
-    tab.stop.click(stop, None, None, cancels=[submitted, clicked], api_visibility="private", queue=False)
+    # Stop sets the switch (it reaches the queue and the generation); the answer then ends with its mark.
+    tab.stop.click(stop, None, None, api_visibility="private", queue=False)
     tab.clear.click(lambda: [], None, tab.chatbot, api_visibility="private")
     # A new image starts a new conversation.
     tab.image.change(lambda: [], None, tab.chatbot, api_visibility="private")
