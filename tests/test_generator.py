@@ -619,3 +619,26 @@ def test_chat_and_image_models_take_turns_on_one_manager(tiny: Tiny, tmp_path: P
         ("load", "chat"),
     ]
     manager.close()
+
+
+def test_the_models_page_picks_another_checkpoint_for_the_next_request(tiny: Tiny, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(tiny.sd15.folder, models / "first-sd15")
+    shutil.copy(tiny.sd15.single_file, models / "second.safetensors")
+    shutil.copytree(tiny.lora_dir, models / "lora")  # LoRAs are not checkpoints
+    manager = ModelManager(keep_alive_s=-1)
+    service = make_service(tiny, Path("first-sd15"), tmp_path, manager, lora_dir="lora")
+    assert set(service.installed_models()) == {"first-sd15", "second"}
+    request = ImageRequest(prompt=PROMPT, seed=3, steps=2)
+    service.generate(request, save=False)
+    assert [m.label for m in manager.status().resident] == ["image:first-sd15"]
+    service.select_model("second")
+    assert service.selected_name == "second"
+    assert [m.label for m in manager.status().resident] == ["image:first-sd15"], "nothing loads when picked"
+    result = service.generate(request, save=False)
+    assert result.model == "second"
+    # Through the model manager: the first checkpoint made room for the second.
+    assert [m.label for m in manager.status().resident] == ["image:second.safetensors"]
+    with pytest.raises(ModelMissingError, match="Installed: first-sd15, second"):
+        service.select_model("film-grain")

@@ -9,11 +9,18 @@ sent with every value in range.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
+
+
+def shown(number: float) -> str:
+    """A number as typed: whole numbers in full (no 2.1e+09), others as short as they go."""
+    whole = math.isfinite(number) and number == int(number) and abs(number) < 1e18
+    return str(int(number)) if whole else f"{number:g}"
 
 
 @dataclass(frozen=True)
@@ -27,13 +34,13 @@ class Bounds:
 
     @property
     def allowed(self) -> str:
-        span = f"{self.low:g}–{self.high:g}"
+        span = f"{shown(self.low)}–{shown(self.high)}"
         if self.multiple_of:
             span += f", a multiple of {self.multiple_of}"
         elif self.integer:
             span += ", a whole number"
         if self.special is not None:
-            span += f", or {self.special:g}"
+            span += f", or {shown(self.special)}"
         return span
 
     def problem(self, value: Any) -> str | None:
@@ -43,6 +50,8 @@ class Bounds:
         try:
             number = float(value)
         except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
             return f"{self.label} must be a number: {self.allowed}."
         if self.special is not None and number == self.special:
             return None
@@ -51,7 +60,7 @@ class Bounds:
         multiple = not self.multiple_of or (whole and int(number) % self.multiple_of == 0)
         if fits and whole and multiple:
             return None
-        return f"{self.label} {number:g} is not used: allowed is {self.allowed}."
+        return f"{self.label} {shown(number)} is not used: allowed is {self.allowed}."
 
 
 def number_field(bounds: Bounds, value: float, **kwargs: Any) -> gr.Number:
