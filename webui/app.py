@@ -4,7 +4,6 @@ handler on one tab may update another)."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +47,10 @@ UI_CSS = """
 }
 """
 
+BROWSER_STORAGE_KEY = "enclave-browser-id"
 CLOSE_SIDEBAR_ON_PHONES = """() => {
   if (window.innerWidth < 700) document.querySelector('#conversations.open .toggle-button')?.click();
 }"""
-
-
-def browser_secret(settings: Settings) -> str:
-    """The key the browser's saved id is encrypted with: stable across restarts, so a browser
-    finds its conversations again; derived from the API key, which only the server knows."""
-    return hashlib.sha256(f"enclave-browser-id:{settings.server.api_key}".encode()).hexdigest()
 
 
 def build_ui(
@@ -66,7 +60,10 @@ def build_ui(
     with gr.Blocks(title="Enclave — local AI workstation") as demo:
         conversation = gr.State("")
         owner = gr.State(SHARED_OWNER)
-        browser_id = gr.BrowserState("", storage_key="enclave-browser-id", secret=browser_secret(settings))
+        # Gradio encrypts browser storage with a key it sends to the page, random per start unless given: a
+        # fixed one lets a browser find its list after a restart. The id itself is random (128 bits), which is
+        # what keeps one browser from opening another's list.
+        browser_id = gr.BrowserState("", storage_key="enclave-browser-id", secret=BROWSER_STORAGE_KEY)
         with gr.Sidebar(label="Conversations", open=True, elem_id="conversations"):
             panel = build_conversations_panel()
         gr.Markdown("## Enclave · local AI workstation\nEverything runs on this machine; nothing leaves it.")

@@ -22,6 +22,7 @@ from chat import ChatService
 from generator import ImageService
 from text_generation.stream import GenerationParams
 from webui.common import (
+    MODEL_EVENT_CONCURRENCY,
     STOPPED_MARK,
     History,
     error_bubble,
@@ -38,7 +39,6 @@ from webui.history import conversation_image
 
 Update = tuple[Any, History, str]  # (input box, chatbot, the saved conversation's id)
 LENGTH_MARK = " …"
-CHAT_CONCURRENCY = 8  # replies that may wait for their model at once; the model manager queues them fairly
 
 SAMPLING_BOUNDS = (
     Bounds("Temperature", 0, 2),
@@ -424,10 +424,14 @@ def wire_chat_tab(
     Returns the events that change the conversation."""
     inputs = [tab.chatbot, tab.system_prompt, *tab.sampling, conversation, owner]
     outputs = [tab.message, tab.chatbot, conversation]
-    private: dict[str, Any] = {"api_visibility": "private", "concurrency_limit": CHAT_CONCURRENCY}
+    private: dict[str, Any] = {"api_visibility": "private", "concurrency_limit": MODEL_EVENT_CONCURRENCY}
     events = [
         tab.message.submit(
-            handlers.respond, [tab.message, *inputs], outputs, api_name="chat", concurrency_limit=CHAT_CONCURRENCY
+            handlers.respond,
+            [tab.message, *inputs],
+            outputs,
+            api_name="chat",
+            concurrency_limit=MODEL_EVENT_CONCURRENCY,
         )
     ]
     for listen, handler in (

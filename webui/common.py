@@ -16,6 +16,9 @@ from text_generation.stream import Message, TextStream
 
 log = logging.getLogger(__name__)
 MIB = 2**20
+# Requests from the UI that may wait for their model at once. The model manager queues them fairly, and
+# Stop reaches a request there; Gradio's own queue would hold them where Stop cannot.
+MODEL_EVENT_CONCURRENCY = 8
 History = list[dict[str, Any]]
 
 

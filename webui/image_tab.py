@@ -13,7 +13,7 @@ from generator import ImageRequest, ImageService
 from settings import ImageSettings
 from stable_diffusion.metadata import read_png_parameters
 from stable_diffusion.request import SAMPLER_NAMES
-from webui.common import sentence, user_message
+from webui.common import MODEL_EVENT_CONCURRENCY, sentence, user_message
 from webui.fields import Bounds, number_field, problems, problems_text, watch_fields
 
 
@@ -219,7 +219,11 @@ def wire_image_tab(tab: ImageTab, images: ImageService, after: Callable[[Any], N
         return [*restored, sentence(f"restored {sum(name in found for name in names)} settings from the PNG.")]
 
     clicked = tab.generate.click(
-        generate, tab.parameters, [tab.gallery, tab.info], api_name="generate", concurrency_limit=1
+        generate,
+        tab.parameters,
+        [tab.gallery, tab.info],
+        api_name="generate",
+        concurrency_limit=MODEL_EVENT_CONCURRENCY,
     )
     after(clicked)
     tab.cancel.click(cancel_generation, None, None, api_visibility="private", queue=False)

@@ -10,7 +10,15 @@ from typing import Any
 import gradio as gr
 
 from vision import VisionService
-from webui.common import History, error_bubble, hint_bubble, plain_history, stream_reply, without_errors
+from webui.common import (
+    MODEL_EVENT_CONCURRENCY,
+    History,
+    error_bubble,
+    hint_bubble,
+    plain_history,
+    stream_reply,
+    without_errors,
+)
 
 
 @dataclass(frozen=True)
@@ -106,8 +114,9 @@ def wire_vision_tab(tab: VisionTab, vision: VisionService, default_question: str
 
     inputs = [tab.image, tab.question, tab.chatbot]
     outputs = [tab.question, tab.chatbot]
-    submitted = tab.question.submit(answer, inputs, outputs, api_name="describe", concurrency_limit=1)
-    clicked = tab.ask.click(answer, inputs, outputs, api_visibility="private", concurrency_limit=1)
+    limit = MODEL_EVENT_CONCURRENCY
+    submitted = tab.question.submit(answer, inputs, outputs, api_name="describe", concurrency_limit=limit)
+    clicked = tab.ask.click(answer, inputs, outputs, api_visibility="private", concurrency_limit=limit)
     after(submitted)
     after(clicked)
     # Stop sets the switch (it reaches the queue and the generation); the answer then ends with its mark.
