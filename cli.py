@@ -13,10 +13,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from errors import AppError, BadInputError
 from generator import ImageRequest
+from media.audio import CONTENT_TYPES, encode_speech, fix_wav_sizes
+from media.subtitles import to_srt, to_vtt
 from services import Services
 from text_generation.stream import TextStream
 
@@ -74,6 +76,20 @@ def build_parser(default_config: Path) -> argparse.ArgumentParser:
     generate.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="add a LoRA")
     generate.add_argument("--json", action="store_true", help="print one JSON object describing the images")
 
+    transcribe = commands.add_parser("transcribe", help="speech to text: a recording's words on stdout")
+    _add_common_options(transcribe)
+    transcribe.add_argument("audio", help="audio file (WAV, MP3, OGG/Opus, FLAC, M4A, WebM), or - for stdin")
+    transcribe.add_argument("--format", choices=["text", "srt", "vtt", "json"], default="text")
+    transcribe.add_argument("--language", help="language code such as en or de (default from config: detected)")
+    transcribe.add_argument("--translate", action="store_true", help="translate into English (multilingual models)")
+
+    speak = commands.add_parser("speak", help="text to speech into an audio file")
+    _add_common_options(speak)
+    speak.add_argument("text", help="what to say, or - to read it from stdin")
+    speak.add_argument("--out", required=True, help="FILE.wav (or .mp3, .opus, .flac, .aac), or - for WAV on stdout")
+    speak.add_argument("--voice", help="voice name (see the models command; default from config)")
+    speak.add_argument("--speed", type=float, help="1.0 is the voice's own pace (0.25 to 4)")
+
     models = commands.add_parser("models", help="list every configured model: present or missing, size, path")
     _add_common_options(models)
     models.add_argument("--json", action="store_true", help="print JSON")
@@ -107,6 +123,8 @@ class Console:
     stdin: TextIO = field(default_factory=lambda: sys.stdin)
     stdout: TextIO = field(default_factory=lambda: sys.stdout)
     stderr: TextIO = field(default_factory=lambda: sys.stderr)
+    stdin_bytes: BinaryIO = field(default_factory=lambda: sys.stdin.buffer)
+    stdout_bytes: BinaryIO = field(default_factory=lambda: sys.stdout.buffer)
 
     def json(self, value: Any) -> None:
         self.stdout.write(json.dumps(value, indent=2) + "\n")
@@ -118,6 +136,8 @@ def run_command(args: argparse.Namespace, services: Services, console: Console) 
         "chat": run_chat,
         "describe": run_describe,
         "generate": run_generate,
+        "transcribe": run_transcribe,
+        "speak": run_speak,
         "models": run_models,
     }
     try:
@@ -242,6 +262,63 @@ def print_stream(stream: TextStream, cancel: threading.Event, as_json: bool, con
         cancel.set()
         stream.close()
     console.stdout.write("\n")
+    return 0
+
+
+def run_transcribe(args: argparse.Namespace, services: Services, console: Console) -> int:
+    audio = console.stdin_bytes.read() if args.audio == "-" else Path(args.audio)
+    if isinstance(audio, Path) and not audio.is_file():
+        raise BadInputError(f"{audio} is not a file; give an audio file, or - to read from stdin")
+    transcriber = services.transcriber
+    decoded = transcriber.decode(audio)
+    bar = SecondsBar(console.stderr)
+    transcript = transcriber.transcribe(decoded, language=args.language, translate=args.translate, progress=bar)
+    console.stderr.write("\n")
+    if args.format == "srt":
+        console.stdout.write(to_srt(transcript.segments))
+    elif args.format == "vtt":
+        console.stdout.write(to_vtt(transcript.segments))
+    elif args.format == "json":
+        segments = [{"start": s.start, "end": s.end, "text": s.text} for s in transcript.segments]
+        console.json({"text": transcript.text, "language": transcript.language, "segments": segments})
+    else:
+        console.stdout.write(transcript.text + "\n")
+    return 0
+
+
+class SecondsBar(ProgressBar):
+    """Progress through a recording, in seconds of audio."""
+
+    def __call__(self, done: float, total: float) -> None:  # type: ignore[override]
+        filled = int(self._width * done / max(total, 1e-9))
+        self._stream.write(f"\r[{'#' * filled}{'.' * (self._width - filled)}] {done:.0f}/{total:.0f} s")
+        self._stream.flush()
+
+
+def run_speak(args: argparse.Namespace, services: Services, console: Console) -> int:
+    text = console.stdin.read() if args.text == "-" else args.text
+    fmt = "wav" if args.out == "-" else Path(args.out).suffix.lower().lstrip(".")
+    if fmt not in CONTENT_TYPES or fmt == "pcm":
+        raise BadInputError(f"--out must end in .wav, .mp3, .opus, .flac or .aac (not .{fmt})")
+    cancel = threading.Event()
+    stream = services.speaker.speak(text, voice=args.voice, speed=args.speed, cancel=cancel)
+    try:
+        if args.out == "-":
+            for piece in encode_speech(stream, stream.sample_rate, fmt):
+                console.stdout_bytes.write(piece)
+            console.stdout_bytes.flush()
+            return 0
+        target = Path(args.out)
+        partial = target.with_name(target.name + ".part")
+        with partial.open("wb") as handle:  # a file that exists is complete
+            for piece in encode_speech(stream, stream.sample_rate, fmt):
+                handle.write(piece)
+        if fmt == "wav":
+            fix_wav_sizes(partial)
+        partial.replace(target)
+    finally:
+        cancel.set()
+    console.stderr.write(f"wrote {target}\n")
     return 0
 
 

