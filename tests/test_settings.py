@@ -16,7 +16,8 @@ def unanchored(settings: Settings) -> Settings:
     """The settings with the folders that load_settings anchors at the config file put back as written."""
     image = settings.image.model_copy(update={"outputs_dir": Path("outputs")})
     audit = settings.audit.model_copy(update={"path": Path("logs/audit.jsonl")})
-    return settings.model_copy(update={"models_dir": Path("models"), "image": image, "audit": audit})
+    folders = {"models_dir": Path("models"), "data_dir": Path("data")}
+    return settings.model_copy(update={**folders, "image": image, "audit": audit})
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -398,3 +399,17 @@ def test_loopback_is_decided_by_parsing_the_address(host: str, loopback: bool) -
 def test_image_defaults_that_every_request_would_fail_on_stop_start_up(tmp_path: Path, text: str, problem: str) -> None:
     message = config_error(tmp_path, text)
     assert "'image'" in message and problem in message
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("speech:\n  language: English\n", "speech.language"),
+        ("speech:\n  speaking_rate: 9\n", "speech.speaking_rate"),
+        ("speech:\n  device: tpu\n", "speech.device"),
+        ("speech:\n  voise: x\n", "voise"),
+    ],
+)
+def test_a_bad_speech_setting_names_its_key(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_settings(write(tmp_path, text))
