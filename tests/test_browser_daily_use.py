@@ -14,6 +14,7 @@ from playwright.sync_api import Page, expect
 
 from tests.conftest import (
     ARTIFACTS,
+    CHROMIUM_FLAGS,
     TINY_SECTIONS,
     RunningApp,
     chromium_context,
@@ -341,3 +342,66 @@ def test_a_conversation_survives_kill_9_and_a_restart_per_browser(
         mine.close()
     finally:
         stop_app(app)
+
+
+# -- voice ---------------------------------------------------------------------------------------------
+
+
+def voice_loads(app: RunningApp) -> int:
+    counts = httpx.get(f"{app.url}/api/status").json()["load_counts"]
+    return sum(n for label, n in counts.items() if label.startswith("speech:"))
+
+
+def speak_into_microphone(playwright, tmp_path: Path, app: RunningApp, sentence: str) -> Page:
+    """A page whose microphone plays ``sentence`` (espeak-ng), recorded once through the Chat tab's mic."""
+    import shutil
+    import subprocess
+
+    recording = tmp_path / "spoken.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "130", "-w", str(recording), sentence], check=True)
+    browser = playwright.chromium.launch(
+        executable_path=shutil.which("chromium") or shutil.which("chromium-browser"),
+        headless=True,
+        args=[
+            *CHROMIUM_FLAGS,
+            "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={recording}",
+        ],
+    )
+    page = browser.new_context(permissions=["microphone"]).new_page()
+    page.goto(app.url)
+    microphone = page.locator("#chat-microphone")
+    microphone.get_by_role("button", name="Record", exact=True).click()
+    page.wait_for_timeout(2500)  # Chromium plays the file in a loop: one pass and a bit
+    microphone.get_by_role("button", name="Stop", exact=True).click()
+    return page
+
+
+def test_a_spoken_message_is_transcribed_answered_and_the_answer_spoken(
+    running_app: RunningApp, playwright, tmp_path
+) -> None:
+    page = speak_into_microphone(playwright, tmp_path, running_app, "What is the capital of France?")
+    page.locator("#chat-speak-replies input").check()
+    user = page.locator("#chatbot .user.message").first
+    expect(user).to_contain_text("capital of France", timeout=60_000)  # the transcript, shown as the message
+    expect(page.locator("#chatbot .bot-row").last).to_contain_text("→ chat model", timeout=60_000)
+    wait_idle(page, running_app)
+    assert bot_texts(page), "the spoken message was answered"
+    # A second, typed message is answered and spoken: the voice speaks, and the reply's player fills.
+    spoken_before = voice_loads(running_app)
+    send(page, "Say one short sentence.")
+    wait_idle(page, running_app)
+    expect(page.locator("#chat-reply-audio audio")).to_have_count(1, timeout=60_000)
+    # One model at a time: the chat model answered, so speaking it took the voice back in.
+    assert voice_loads(running_app) > spoken_before, "the reply was not spoken"
+    shot(page, "voice-turn.png")
+    page.context.browser.close()
+
+
+def test_a_spoken_drawing_request_reaches_the_image_generator(running_app: RunningApp, playwright, tmp_path) -> None:
+    page = speak_into_microphone(playwright, tmp_path, running_app, "Draw a red apple.")
+    expect(page.locator("#chatbot .user.message").first).to_contain_text("red apple", timeout=60_000)
+    expect(page.locator("#chatbot .bot-row").last).to_contain_text("→ image generator", timeout=60_000)
+    expect(page.locator("#chatbot .bot-row").last.locator("img").first).to_be_visible(timeout=120_000)
+    page.context.browser.close()
