@@ -24,6 +24,7 @@ from api.auth import key_matches, require_api_key
 from api.errors import ApiError, api_error_for, error_response
 from api.gradio_guard import GradioGuard
 from api.guards import BodySizeLimit, HostCheck, allowed_hosts
+from api.realtime import add_realtime_route
 from api.routes import openai_router
 from assistant.dispatch import Assistant
 from errors import AppError
@@ -100,6 +101,7 @@ def create_app(
         return FileResponse(path, media_type="image/png")
 
     app.include_router(openai_router(services, server, outputs_dir, assistant))
+    add_realtime_route(app, services, server)
     if demo is not None:
         # Generated images live in outputs_dir, saved conversations' images and exports in ui_folders;
         # the UI shows them.
