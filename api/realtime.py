@@ -33,6 +33,7 @@ from errors import AppError, BadInputError
 from media.audio import OPENAI_PCM_RATE, WHISPER_RATE, DecodedAudio, resample_pcm
 from services import Services
 from settings import ServerSettings
+from speech_to_text import speech_segments
 
 log = logging.getLogger(__name__)
 
@@ -121,18 +122,6 @@ def pcm16_to_whisper(pcm: bytes) -> DecodedAudio:
     resampled = resample_pcm(pcm, OPENAI_PCM_RATE, WHISPER_RATE)
     samples = np.frombuffer(resampled, dtype=np.int16).astype(np.float32) / 32768.0
     return DecodedAudio(samples, samples.size / WHISPER_RATE, float(np.max(np.abs(samples), initial=0)) < 1e-3)
-
-
-def speech_segments(audio: DecodedAudio, detection: dict[str, Any]) -> list[dict[str, int]]:
-    """Silero's speech segments in ``audio`` (sample offsets at 16 kHz)."""
-    from faster_whisper.vad import VadOptions, get_speech_timestamps
-
-    options = VadOptions(
-        threshold=float(detection.get("threshold", 0.5)),
-        min_silence_duration_ms=int(detection.get("silence_duration_ms", 500)),
-        speech_pad_ms=int(detection.get("prefix_padding_ms", 300)),
-    )
-    return get_speech_timestamps(audio.samples, options)
 
 
 class RealtimeSession:

@@ -59,7 +59,7 @@ def decode_audio(source: bytes | Path, limits: AudioLimits) -> DecodedAudio:
         raise BadInputError("the recording is empty (0 bytes); record or choose an audio file")
     if size > limits.max_bytes:
         raise TooLargeError(
-            f"the recording is {size / 2**20:.1f} MB; the limit is {limits.max_bytes / 2**20:.0f} MB "
+            f"the recording is {size / 2**20:.1f} MB; the limit is {limits.max_bytes / 2**20:g} MB "
             f"({limits.size_key} in config.yaml). Send a shorter or compressed recording."
         )
     data = io.BytesIO(bytes(source)) if isinstance(source, bytes | bytearray) else str(source)
@@ -123,7 +123,7 @@ def _decode(container: object, stream: object, limits: AudioLimits) -> np.ndarra
 
 
 def _too_long(seconds: float, limits: AudioLimits, at_least: bool = False) -> str:
-    length = f"{'more than ' if at_least else ''}{_clock(seconds)}"
+    length = f"more than {_clock(limits.max_seconds)}" if at_least else _clock(seconds)
     return (
         f"the recording is {length} long; the limit is {_clock(limits.max_seconds)} "
         f"({limits.length_key} in config.yaml). Split it into shorter parts."
@@ -167,13 +167,17 @@ def fix_wav_sizes(path: Path) -> None:
 
 
 def resample_pcm(pcm: bytes, rate_in: int, rate_out: int) -> bytes:
-    """16-bit mono PCM at another rate (linear interpolation: speech is band-limited far below both)."""
+    """16-bit mono PCM at another rate, through FFmpeg's resampler (it filters before it decimates,
+    so 48 kHz microphone audio keeps no aliases in Whisper's 16 kHz)."""
     if rate_in == rate_out or not pcm:
         return pcm
-    samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float32)
-    count = max(1, round(samples.size * rate_out / rate_in))
-    positions = np.linspace(0, samples.size - 1, count)
-    return np.interp(positions, np.arange(samples.size), samples).round().astype(np.int16).tobytes()
+    import av
+
+    frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm, dtype=np.int16).reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = rate_in
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate_out)
+    pieces = [out.to_ndarray().reshape(-1) for out in [*resampler.resample(frame), *resampler.resample(None)]]
+    return np.concatenate(pieces).astype(np.int16).tobytes() if pieces else b""
 
 
 def encode_speech(chunks: Iterable[bytes], sample_rate: int, fmt: str) -> Iterator[bytes]:
@@ -183,8 +187,10 @@ def encode_speech(chunks: Iterable[bytes], sample_rate: int, fmt: str) -> Iterat
             yield resample_pcm(chunk, sample_rate, OPENAI_PCM_RATE)
         return
     if fmt == "wav":
-        yield wav_header(sample_rate)
-        yield from chunks
+        pieces = iter(chunks)
+        first = next(pieces, b"")  # the voice speaks before the header goes: a failure is still an error
+        yield wav_header(sample_rate) + first
+        yield from pieces
         return
     if fmt not in OUTPUT_FORMATS:
         raise BadInputError(f"unknown audio format '{fmt}'; use one of: {', '.join(CONTENT_TYPES)}")

@@ -352,13 +352,10 @@ def voice_loads(app: RunningApp) -> int:
     return sum(n for label, n in counts.items() if label.startswith("speech:"))
 
 
-def speak_into_microphone(playwright, tmp_path: Path, app: RunningApp, sentence: str) -> Page:
-    """A page whose microphone plays ``sentence`` (espeak-ng), recorded once through the Chat tab's mic."""
+def fake_microphone(playwright, app: RunningApp, recording: Path) -> Page:
+    """A page whose microphone plays ``recording`` over and over (Chromium's fake capture device)."""
     import shutil
-    import subprocess
 
-    recording = tmp_path / "spoken.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "130", "-w", str(recording), sentence], check=True)
     browser = playwright.chromium.launch(
         executable_path=shutil.which("chromium") or shutil.which("chromium-browser"),
         headless=True,
@@ -371,6 +368,21 @@ def speak_into_microphone(playwright, tmp_path: Path, app: RunningApp, sentence:
     )
     page = browser.new_context(permissions=["microphone"]).new_page()
     page.goto(app.url)
+    return page
+
+
+def espeak(tmp_path: Path, sentence: str, silence_after_s: float = 0) -> Path:
+    import subprocess
+
+    spoken, padded = tmp_path / "spoken.wav", tmp_path / "padded.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "130", "-w", str(spoken), sentence], check=True)
+    subprocess.run(["sox", str(spoken), str(padded), "pad", "0", str(silence_after_s)], check=True)
+    return padded
+
+
+def speak_into_microphone(playwright, tmp_path: Path, app: RunningApp, sentence: str) -> Page:
+    """A page whose microphone says ``sentence``, recorded once through the Chat tab's microphone."""
+    page = fake_microphone(playwright, app, espeak(tmp_path, sentence))
     microphone = page.locator("#chat-microphone")
     microphone.get_by_role("button", name="Record", exact=True).click()
     page.wait_for_timeout(2500)  # Chromium plays the file in a loop: one pass and a bit
@@ -404,4 +416,24 @@ def test_a_spoken_drawing_request_reaches_the_image_generator(running_app: Runni
     expect(page.locator("#chatbot .user.message").first).to_contain_text("red apple", timeout=60_000)
     expect(page.locator("#chatbot .bot-row").last).to_contain_text("→ image generator", timeout=60_000)
     expect(page.locator("#chatbot .bot-row").last.locator("img").first).to_be_visible(timeout=120_000)
+    page.context.browser.close()
+
+
+def test_hands_free_turns_end_on_a_pause_and_talking_over_an_answer_stops_it(
+    running_app: RunningApp, playwright, tmp_path
+) -> None:
+    # The fake microphone says the sentence, then is silent for 8 s, then says it again: the pause
+    # ends the first turn, and the repetition talks over the (endless) answer to it.
+    page = fake_microphone(playwright, running_app, espeak(tmp_path, "Repeat after me forever: la la la la.", 8))
+    set_parameters(page, max_tokens="1500", temperature="0", repeat="1")
+    page.get_by_text("Hands-free voice mode").click()
+    page.locator("#chat-hands-free").get_by_role("button", name="Record", exact=True).click()
+    expect(page.locator("#chatbot .user.message").first).to_contain_text("Repeat after me", timeout=60_000)
+    first_answer = page.locator("#chatbot .bot-row").first
+    expect(first_answer).to_contain_text("→ chat model", timeout=60_000)
+    expect(first_answer).to_contain_text("(stopped)", timeout=60_000)  # the second "Repeat after me" stopped it
+    expect(page.locator("#chatbot .user.message")).to_have_count(2, timeout=60_000)  # and became the next turn
+    stopped = first_answer.inner_text()
+    assert len(stopped.split()) < 1000, "the answer was cut long before its 1500 tokens"
+    shot(page, "hands-free.png")
     page.context.browser.close()

@@ -18,6 +18,8 @@ ROOTS = [
     "ImagesResponse",
     "ListModelsResponse",
     "CreateTranscriptionResponseJson",
+    "CreateTranscriptionResponseVerboseJson",
+    "CreateTranslationResponseJson",
     "ErrorResponse",
 ]
 
