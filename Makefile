@@ -65,6 +65,7 @@ bench: $(APP_STAMP)
 	$(PY) bench/api.py
 	$(PY) bench/vision.py
 	$(PY) bench/generate.py
+	$(PY) bench/voice.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -281,6 +281,29 @@ def test_api_key_is_required_when_configured(guarded_app: RunningApp) -> None:
     assert login.status_code == 200 and login.json() == {"success": True}
 
 
+def test_the_audio_routes_and_the_realtime_socket_need_the_key(guarded_app: RunningApp) -> None:
+    import asyncio
+
+    import websockets
+
+    speech = httpx.post(f"{guarded_app.url}/v1/audio/speech", json={"input": "hi", "voice": "alloy"})
+    assert speech.status_code == 401
+    heard = httpx.post(f"{guarded_app.url}/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF")})
+    assert heard.status_code == 401
+    url = guarded_app.url.replace("http://", "ws://") + "/v1/realtime"
+
+    async def connect(headers: dict[str, str]) -> str:
+        try:
+            async with websockets.connect(url, additional_headers=headers) as socket:
+                return json.loads(await socket.recv())["type"]
+        except websockets.exceptions.ConnectionClosed as closed:
+            return f"closed {closed.rcvd.code if closed.rcvd else None}"
+
+    assert asyncio.run(connect({})) == "closed 1008"
+    assert asyncio.run(connect({"Authorization": "Bearer wrong"})) == "closed 1008"
+    assert asyncio.run(connect({"Authorization": "Bearer s3cret"})) == "session.created"
+
+
 def test_busy_model_gives_503_with_retry_after(guarded_app: RunningApp) -> None:
     client = client_for(guarded_app, "s3cret")
     stream = client.chat.completions.create(
