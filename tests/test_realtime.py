@@ -158,3 +158,29 @@ def test_a_bad_event_gets_an_error_event_and_the_session_goes_on(
         await client.until("input_audio_buffer.cleared", timeout_s=10)  # still answering
 
     session(running_app, talk)
+
+
+def test_the_official_sdks_realtime_client_talks_to_it(running_app: RunningApp, tmp_path: Path) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(
+        api_key="unused",
+        base_url=f"{running_app.url}/v1",
+        websocket_base_url=running_app.url.replace("http://", "ws://") + "/v1",
+    )
+    question = spoken(tmp_path, "What is the capital of France?")
+    seen: list[str] = []
+    speech = 0
+    with client.beta.realtime.connect(model="enclave") as connection:
+        connection.session.update(session={"instructions": "Answer in one short sentence."})
+        connection.input_audio_buffer.append(audio=base64.b64encode(question + SILENCE).decode())
+        for event in connection:  # the SDK parses each event into its own typed model
+            seen.append(event.type)
+            if event.type == "conversation.item.input_audio_transcription.completed":
+                assert "capital of france" in event.transcript.lower()
+            if event.type == "response.audio.delta":
+                speech += len(base64.b64decode(event.delta))
+            if event.type == "response.done":
+                assert event.response.status == "completed"
+                break
+    assert "response.audio_transcript.delta" in seen and speech > OPENAI_PCM_RATE  # over half a second
