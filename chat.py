@@ -228,6 +228,10 @@ class ChatService:
         manager.register_loader("chat", Loader(load=load_chat_model, estimate_bytes=self._estimate_bytes))
 
     @property
+    def models_dir(self) -> Path:
+        return self._models_dir
+
+    @property
     def max_message_chars(self) -> int:
         """The longest user message answered (chat.max_message_chars); front ends check it before other work."""
         return self._settings.max_message_chars

@@ -90,9 +90,21 @@ def build_parser(default_config: Path) -> argparse.ArgumentParser:
     speak.add_argument("--voice", help="voice name (see the models command; default from config)")
     speak.add_argument("--speed", type=float, help="1.0 is the voice's own pace (0.25 to 4)")
 
-    models = commands.add_parser("models", help="list every configured model: present or missing, size, path")
+    models = commands.add_parser(
+        "models", help="list every configured model (the default), or check and carry the models folder"
+    )
     _add_common_options(models)
     models.add_argument("--json", action="store_true", help="print JSON")
+    chores = models.add_subparsers(dest="models_command", metavar="ACTION")
+    chores.add_parser("list", help="every configured model: present or missing, size, path (the default)")
+    chores.add_parser("manifest", help="write models/manifest.json: every file's size and SHA-256")
+    check = chores.add_parser("verify", help="check the models folder against its manifest (exit 1 on a problem)")
+    check.add_argument("--full", action="store_true", help="compare SHA-256 too (reads every byte), not only sizes")
+    carry = chores.add_parser("pack", help="the models folder and its manifest as one archive, or parts")
+    carry.add_argument("dest", type=Path, help="archive to write, e.g. /media/usb/models.tar")
+    carry.add_argument("--part-size", help="split into parts of at most this size, e.g. 4000M or 2G")
+    bring = chores.add_parser("unpack", help="check an archive (or its parts), then put its files in place")
+    bring.add_argument("archive", type=Path, help="models.tar, or models.tar.001 for parts")
     return parser
 
 
@@ -323,6 +335,9 @@ def run_speak(args: argparse.Namespace, services: Services, console: Console) ->
 
 
 def run_models(args: argparse.Namespace, services: Services, console: Console) -> int:
+    chore = getattr(args, "models_command", None)
+    if chore not in (None, "list"):
+        return run_model_files(chore, args, services.chat.models_dir, console)
     rows = []
     for entry in services.catalog():
         path = Path(entry.path)
@@ -343,6 +358,72 @@ def run_models(args: argparse.Namespace, services: Services, console: Console) -
         state = "present" if row["present"] else "MISSING"
         console.stdout.write(f"{row['capability']:8} {state:8} {size:>10}  {row['name']}  ({row['path']})\n")
     return 0
+
+
+def run_model_files(chore: str, args: argparse.Namespace, folder: Path, console: Console) -> int:
+    """manifest, verify, pack and unpack on the models folder."""
+    from model_files.archive import pack, unpack
+    from model_files.manifest import build_manifest, read_manifest, verify, write_manifest
+
+    bar = BytesBar(console.stderr)
+    if chore == "manifest":
+        if not folder.is_dir():
+            raise BadInputError(f"there is no models folder at {folder}; place the models there first")
+        manifest = build_manifest(folder, progress=bar)
+        path = write_manifest(folder, manifest)
+        size = sum(entry["size"] for entry in manifest["files"].values())
+        console.stderr.write(f"\nwrote {path}: {len(manifest['files'])} files, {size / 2**30:.2f} GiB\n")
+        return 0
+    if chore == "verify":
+        report = verify(folder, read_manifest(folder), full=args.full, progress=bar if args.full else None)
+        if args.full:
+            console.stderr.write("\n")
+        for line in report.lines():
+            console.stdout.write(line + "\n")
+        how = "sizes and SHA-256" if args.full else "sizes (add --full for SHA-256)"
+        if report.ok:
+            console.stdout.write(f"ok: {report.checked} files match the manifest ({how})\n")
+            return 0
+        console.stderr.write(f"error: the models folder does not match its manifest ({how})\n")
+        return EXIT_ERROR
+    if chore == "pack":
+        parts = pack(folder, args.dest, parse_size(args.part_size) if args.part_size else None, progress=bar)
+        console.stderr.write("\n")
+        for path in parts:
+            console.stdout.write(f"{path}\n")
+        return 0
+    result = unpack(args.archive, folder, progress=bar)
+    console.stderr.write("\n")
+    console.stdout.write(
+        f"installed {len(result.installed)} files, {len(result.unchanged)} already in place and unchanged\n"
+    )
+    return 0
+
+
+def parse_size(text: str) -> int:
+    """ "4000M", "2G", "700m", "1.5G" or plain bytes."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number, unit = text.strip()[:-1], text.strip()[-1:].upper()
+    if unit.isdigit():
+        number, unit = text.strip(), ""
+    try:
+        size = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise BadInputError(f"'{text}' is not a size; write e.g. 4000M or 2G") from None
+    if size <= 0:
+        raise BadInputError(f"'{text}' is not a size; write e.g. 4000M or 2G")
+    return size
+
+
+class BytesBar(ProgressBar):
+    """Progress through files, in bytes."""
+
+    def __call__(self, done: float, total: float) -> None:  # type: ignore[override]
+        filled = int(self._width * done / max(total, 1))
+        self._stream.write(
+            f"\r[{'#' * filled}{'.' * (self._width - filled)}] {done / 2**30:.2f}/{total / 2**30:.2f} GiB"
+        )
+        self._stream.flush()
 
 
 def _size_on_disk(path: Path) -> int:

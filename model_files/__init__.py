@@ -1,0 +1,1 @@
+"""Model files on disk: the manifest that proves them complete, and archives to carry them offline."""
