@@ -17,7 +17,7 @@ endif
 APP_STAMP  := $(VENV)/.installed-app
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test test-setup lint format bench setup clean
+.PHONY: run test test-setup lint format bench setup clean docker docker-cpu
 
 run: $(APP_STAMP)
 	$(PY) main.py
@@ -69,3 +69,10 @@ bench: $(APP_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Container images (on a machine with a Docker engine and network): the CUDA one, and one for the CPU.
+docker:
+	docker build -t enclave:cuda .
+
+docker-cpu:
+	docker build -t enclave:cpu --build-arg VARIANT=cpu .
