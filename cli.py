@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import threading
@@ -97,6 +98,10 @@ def build_parser(default_config: Path) -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print JSON")
     chores = models.add_subparsers(dest="models_command", metavar="ACTION")
     chores.add_parser("list", help="every configured model: present or missing, size, path (the default)")
+    fetch = chores.add_parser("download", help="on a connected machine: fetch the models and write the manifest")
+    fetch.add_argument("names", nargs="+", help="all, or some of: chat vision sd15 sdxl sdxl-turbo whisper voice")
+    fetch.add_argument("--profile", default="24gb", help="what 'all' means: 24gb (default) or 8gb")
+    fetch.add_argument("--lora", action="append", default=[], metavar="REPO:FILE", help="also fetch a LoRA")
     chores.add_parser("manifest", help="write models/manifest.json: every file's size and SHA-256")
     check = chores.add_parser("verify", help="check the models folder against its manifest (exit 1 on a problem)")
     check.add_argument("--full", action="store_true", help="compare SHA-256 too (reads every byte), not only sizes")
@@ -366,6 +371,16 @@ def run_model_files(chore: str, args: argparse.Namespace, folder: Path, console:
     from model_files.manifest import build_manifest, read_manifest, verify, write_manifest
 
     bar = BytesBar(console.stderr)
+    if chore == "download":
+        from model_files.download import chosen_sources, download
+
+        sources = chosen_sources(args.names, args.profile, args.lora)
+        manifest = download(
+            folder, sources, lambda line: console.stdout.write(line + "\n"), os.environ.get("HF_ENDPOINT")
+        )
+        size = sum(entry["size"] for entry in manifest["files"].values())
+        console.stdout.write(f"done: {len(manifest['files'])} files, {size / 2**30:.2f} GiB in {folder}\n")
+        return 0
     if chore == "manifest":
         if not folder.is_dir():
             raise BadInputError(f"there is no models folder at {folder}; place the models there first")
