@@ -206,6 +206,10 @@ class ImageService:
         self._selected = choices[name]
 
     @property
+    def default_scheduler(self) -> str:
+        return self._settings.defaults.scheduler
+
+    @property
     def lora_dir(self) -> Path:
         path = Path(self._settings.lora_dir).expanduser()
         return path if path.is_absolute() else self._models_dir / path

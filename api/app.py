@@ -26,6 +26,7 @@ from api.gradio_guard import GradioGuard
 from api.guards import BodySizeLimit, HostCheck, allowed_hosts
 from api.realtime import add_realtime_route
 from api.routes import openai_router
+from api.sdapi import sdapi_router
 from assistant.dispatch import Assistant
 from errors import AppError
 from services import Services
@@ -102,6 +103,7 @@ def create_app(
 
     app.include_router(openai_router(services, server, outputs_dir, assistant))
     add_realtime_route(app, services, server)
+    app.include_router(sdapi_router(services, server))
     if demo is not None:
         # Generated images live in outputs_dir, saved conversations' images and exports in ui_folders;
         # the UI shows them.

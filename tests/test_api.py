@@ -304,6 +304,14 @@ def test_the_audio_routes_and_the_realtime_socket_need_the_key(guarded_app: Runn
     assert asyncio.run(connect({"Authorization": "Bearer s3cret"})) == "session.created"
 
 
+def test_automatic1111_clients_sign_in_with_basic_auth(guarded_app: RunningApp) -> None:
+    models = f"{guarded_app.url}/sdapi/v1/sd-models"
+    assert httpx.get(models).status_code == 401
+    assert httpx.get(models, auth=("anyone", "wrong")).status_code == 401
+    assert httpx.get(models, auth=("anyone", "s3cret")).status_code == 200  # --api-auth user:key
+    assert httpx.get(f"{guarded_app.url}/v1/models", auth=("me", "s3cret")).status_code == 200
+
+
 def test_busy_model_gives_503_with_retry_after(guarded_app: RunningApp) -> None:
     client = client_for(guarded_app, "s3cret")
     stream = client.chat.completions.create(
