@@ -45,6 +45,9 @@ from stable_diffusion.models import (
     read_cross_attention_dim,
 )
 from stable_diffusion.pipeline import LoadedImageModel, load_image_pipeline, make_scheduler
+from stable_diffusion.prompt_weights import check_weights, needs_encoding, plain_text
+from stable_diffusion.prompt_weights import encode as encode_prompts
+from stable_diffusion.prompt_weights import parse as parse_prompt
 from stable_diffusion.request import ImageRequest, Plan, plan_request
 
 # The service's own names, and those that tests reach through this module (``generator.model_hash``).
@@ -321,6 +324,8 @@ class ImageService:
         started = time.perf_counter()
         model = self.resolve_model()
         plan = plan_request(request, model.family, self._settings)
+        check_weights(parse_prompt(plan.prompt))  # before the model is asked for
+        check_weights(parse_prompt(plan.negative_prompt or ""))
         loras = self._loras_for(plan, model)
         images: list[GeneratedImage] = []
         notices = list(plan.notices)
@@ -466,8 +471,7 @@ class ImageService:
         generator = torch.Generator("cpu").manual_seed(seed)
         try:
             output = loaded.pipe(
-                prompt=plan.prompt,
-                negative_prompt=plan.negative_prompt or None,
+                **self._prompt_arguments(loaded, plan),
                 width=plan.width,
                 height=plan.height,
                 num_inference_steps=plan.steps,
@@ -482,6 +486,16 @@ class ImageService:
                 "choose a smaller size, or unload other models"
             ) from error
         return output.images[0]
+
+    def _prompt_arguments(self, loaded: LoadedImageModel, plan: Plan) -> dict[str, Any]:
+        """The prompts as the pipeline takes them: text when CLIP reads them as they are, else
+        embeddings with AUTOMATIC1111's weights, BREAKs and length (``prompt_weights``)."""
+        prompt, negative = parse_prompt(plan.prompt), parse_prompt(plan.negative_prompt or "")
+        tokenizer = loaded.pipe.tokenizer
+        longest = max(len(tokenizer(plain_text(chunks)).input_ids) - 2 for chunks in (prompt, negative))
+        if not (needs_encoding(prompt, longest) or needs_encoding(negative, longest)):
+            return {"prompt": plain_text(prompt), "negative_prompt": plain_text(negative) or None}
+        return encode_prompts(loaded.pipe, loaded.family, plan.prompt, plan.negative_prompt or "", self.device)
 
     def _save(self, image: Image.Image, parameters: str, seed: int) -> Path:
         folder = self._settings.outputs_dir / datetime.now().strftime("%Y-%m-%d")

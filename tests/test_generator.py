@@ -8,6 +8,7 @@ parameters, errors, and sharing one model manager with the real chat model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import threading
@@ -642,3 +643,57 @@ def test_the_models_page_picks_another_checkpoint_for_the_next_request(tiny: Tin
     assert [m.label for m in manager.status().resident] == ["image:second.safetensors"]
     with pytest.raises(ModelMissingError, match="Installed: first-sd15, second"):
         service.select_model("film-grain")
+
+
+# -- AUTOMATIC1111's prompt weights and long prompts ---------------------------------------------------
+
+
+def test_a_weighted_word_pulls_its_embedding_further_from_the_empty_prompt(sd15: ImageService) -> None:
+    from stable_diffusion.prompt_weights import encode
+
+    with loaded_pipeline(sd15) as loaded:
+        pipe = loaded.pipe
+        plain = encode(pipe, "sd15", "a cat", "", "cpu")["prompt_embeds"]
+        heavy = encode(pipe, "sd15", "a (cat:1.5)", "", "cpu")["prompt_embeds"]
+        light = encode(pipe, "sd15", "a (cat:0.5)", "", "cpu")["prompt_embeds"]
+        empty = encode(pipe, "sd15", "", "", "cpu")["prompt_embeds"]
+        cat = len(pipe.tokenizer("a").input_ids) - 1  # [start, a, cat, end …]: the cat token's place
+    distance = {
+        name: float((e[0, cat] - empty[0, cat]).norm())
+        for name, e in (("plain", plain), ("heavy", heavy), ("light", light))
+    }
+    assert distance["heavy"] > distance["plain"] > distance["light"], distance
+    assert torch.equal(plain[0, :cat], heavy[0, :cat]), "the words before it are as they were"
+
+
+def test_a_long_prompt_is_not_cut_at_77_tokens(sd15: ImageService) -> None:
+    opening = ", ".join(["a quiet harbour at dawn with boats"] * 22)  # several 75-token chunks
+    with loaded_pipeline(sd15) as loaded:
+        assert len(loaded.pipe.tokenizer(opening).input_ids) > 150
+    request = ImageRequest(prompt=f"{opening}, red", seed=5, steps=2)
+    red = pixels(sd15, request)
+    blue = pixels(sd15, dataclasses.replace(request, prompt=f"{opening}, blue"))
+    assert np.abs(red - blue).max() > 0, "the last word changed the picture: it was read"
+    with loaded_pipeline(sd15) as loaded:  # the plain pipeline cuts at 77 tokens: there the words are lost
+        kwargs = {"num_inference_steps": 2, "output_type": "np", "width": 64, "height": 64}
+        cut_red = loaded.pipe(f"{opening}, red", generator=torch.Generator().manual_seed(5), **kwargs).images
+        cut_blue = loaded.pipe(f"{opening}, blue", generator=torch.Generator().manual_seed(5), **kwargs).images
+        assert np.array_equal(cut_red, cut_blue)
+
+
+def test_weights_break_and_loras_together_on_sdxl(tiny: Tiny, tmp_path: Path) -> None:
+    service = make_service(tiny, tiny.sdxl.folder, tmp_path)
+    request = ImageRequest(prompt="a (lighthouse:1.4) BREAK [fog] <lora:xl-style:1>", seed=3, steps=2)
+    styled = pixels(service, request)
+    assert styled.shape == (64, 64, 3)
+    plain = pixels(service, dataclasses.replace(request, prompt="a (lighthouse:1.4) BREAK [fog]"))
+    assert np.abs(styled - plain).max() > 0, "the LoRA tag still works beside the weights"
+    weighted_again = pixels(service, dataclasses.replace(request, prompt="a (lighthouse:1.4) BREAK [fog]"))
+    assert np.array_equal(plain, weighted_again)
+
+
+def test_an_absurd_weight_is_refused_before_any_work(sd15: ImageService) -> None:
+    before = load_count(sd15)
+    with pytest.raises(BadInputError, match=r"weight 1e\+06 on 'cat' is out of range"):
+        sd15.generate(ImageRequest(prompt="a (cat:1000000)"), save=False)
+    assert load_count(sd15) == before
