@@ -136,6 +136,14 @@ class _Job:
 # ----------------------------------------------------------------------------
 
 
+def _pipeline_like(pipe: Any, task: str) -> Any:
+    """The img2img or inpainting pipeline over ``pipe``'s own components (``from_pipe`` shares them)."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    kind = AutoPipelineForInpainting if task == "inpainting" else AutoPipelineForImage2Image
+    return kind.from_pipe(pipe)
+
+
 class ImageService:
     def __init__(
         self,
@@ -361,7 +369,7 @@ class ImageService:
             if cancel is not None and cancel.is_set():
                 return True
             try:
-                image = self._run_or_make_room(job, seed, index * plan.steps)
+                image = self._run_or_make_room(job, seed, index * plan.steps_run)
             except _Cancelled:
                 return True
             parameters = format_parameters(plan, seed, model, model_hash_text, lora_hashes)
@@ -458,22 +466,28 @@ class ImageService:
         import torch
 
         plan, cancel, steps = job.plan, job.cancel, job.steps
-        total = plan.steps * plan.num_images
+        total = plan.steps_run * plan.num_images
         loaded = job.loaded
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            steps.step(done + min(step + 1, plan.steps), total)
+            steps.step(done + min(step + 1, plan.steps_run), total)
             if cancel is not None and cancel.is_set():
                 raise _Cancelled
             return tensors
 
         # Noise from a CPU generator: the same seed gives the same picture on any device.
         generator = torch.Generator("cpu").manual_seed(seed)
+        pipe, start = loaded.pipe, {"width": plan.width, "height": plan.height}
+        if plan.mask is not None:  # the loaded components in an inpainting pipeline: no second copy
+            pipe = _pipeline_like(loaded.pipe, "inpainting")
+            start |= {"image": plan.init_image, "mask_image": plan.mask, "strength": plan.strength}
+        elif plan.init_image is not None:  # img2img takes its size from the (fitted) picture
+            pipe = _pipeline_like(loaded.pipe, "image2image")
+            start = {"image": plan.init_image, "strength": plan.strength}
         try:
-            output = loaded.pipe(
+            output = pipe(
                 **self._prompt_arguments(loaded, plan),
-                width=plan.width,
-                height=plan.height,
+                **start,
                 num_inference_steps=plan.steps,
                 guidance_scale=plan.guidance,
                 generator=generator,

@@ -43,6 +43,10 @@ def format_parameters(
         "Model hash": model_hash_text,
         "Model": model.name,
     }
+    if plan.init_image is not None:
+        values["Denoising strength"] = plan.strength
+    if plan.mask is not None:
+        values["Mask blur"] = plan.mask_blur
     if lora_hashes:
         values["Lora hashes"] = ", ".join(f"{name}: {value}" for name, value in lora_hashes.items())
     lines = [plan.shown_prompt]

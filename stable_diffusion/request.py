@@ -11,6 +11,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image, ImageFilter
+
 from errors import BadInputError
 from settings import ImageSettings
 from stable_diffusion.lora import lora_tags, merge_loras, parse_prompt_loras
@@ -28,6 +30,8 @@ MAX_PROMPT_CHARS = 2000
 TURBO_MAX_STEPS = 4
 TURBO_DEFAULT_STEPS = 1
 MAX_SEED = 2**64 - 1
+DEFAULT_STRENGTH = 0.75  # img2img's usual denoising strength
+DEFAULT_MASK_BLUR = 4
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,11 @@ class ImageRequest:
     num_images: int | None = None
     scheduler: str | None = None  # one of SCHEDULERS
     loras: tuple[tuple[str, float], ...] = ()  # added to <lora:name:weight> tags in the prompt
+    init_image: Image.Image | None = None  # img2img: start from this picture (checked RGB, see media.images)
+    mask: Image.Image | None = None  # inpainting: white repaints, black keeps (needs init_image)
+    strength: float | None = None  # denoising strength, 0–1: how far from init_image the result may go
+    mask_blur: int | None = None  # pixels of blur on the mask's edge
+    resize_mode: str = "resize"  # how init_image meets width×height: "resize" (stretch) or "crop" (fill, then crop)
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,15 @@ class Plan:
     scheduler: str
     loras: tuple[tuple[str, float], ...]
     notices: tuple[str, ...]
+    init_image: Image.Image | None = None  # at width×height
+    mask: Image.Image | None = None  # "L", at width×height, blurred
+    strength: float = 1.0
+    mask_blur: int = 0
+
+    @property
+    def steps_run(self) -> int:
+        """Denoising steps each image really runs: img2img skips the first (1 - strength) of them."""
+        return self.steps if self.init_image is None else max(1, int(self.steps * self.strength))
 
 
 def plan_request(request: ImageRequest, family: str, settings: ImageSettings) -> Plan:
@@ -71,8 +89,12 @@ def plan_request(request: ImageRequest, family: str, settings: ImageSettings) ->
     if not prompt:
         raise BadInputError("the prompt is empty; describe the image you want")
     negative = _check_text("negative prompt", _or(request.negative_prompt, defaults.negative_prompt))
-    width = _check_size(settings, "width", _or(request.width, defaults.width))
-    height = _check_size(settings, "height", _or(request.height, defaults.height))
+    start = request.init_image
+    if request.mask is not None and start is None:
+        raise BadInputError("a mask needs the picture it belongs to: send the image to repaint with it")
+    own = (start.width // 8 * 8, start.height // 8 * 8) if start is not None else (defaults.width, defaults.height)
+    width = _check_size(settings, "width", _or(request.width, own[0]))
+    height = _check_size(settings, "height", _or(request.height, own[1]))
     turbo = family == "sdxl_turbo"
     steps = _or(request.steps, TURBO_DEFAULT_STEPS if turbo else defaults.steps)
     _check_range("steps", steps, 1, settings.max_steps, "image.max_steps")
@@ -97,6 +119,21 @@ def plan_request(request: ImageRequest, family: str, settings: ImageSettings) ->
                 f"SDXL-Turbo makes an image in 1 to {TURBO_MAX_STEPS} steps; {steps} steps were asked "
                 "(leave steps empty for 1)"
             )
+    strength = _or(request.strength, DEFAULT_STRENGTH if start is not None else 1.0)
+    if not isinstance(strength, int | float) or not 0 < strength <= 1:
+        raise BadInputError(f"denoising strength must be above 0 and at most 1 (0.75 is typical), got {strength!r}")
+    mask_blur = _or(request.mask_blur, DEFAULT_MASK_BLUR)
+    _check_range("mask blur", mask_blur, 0, 64, "a pixel count")
+    if request.resize_mode not in ("resize", "crop"):
+        raise BadInputError(f"resize mode must be resize or crop, not '{request.resize_mode}'")
+    init_image = fit_image(start, width, height, request.resize_mode) if start is not None else None
+    mask = None
+    if request.mask is not None:
+        mask = fit_image(request.mask.convert("L"), width, height, request.resize_mode)
+        if mask.getextrema()[1] < 128:
+            raise BadInputError("the mask marks nothing to repaint: paint the area to change white (or transparent)")
+        if mask_blur:
+            mask = mask.filter(ImageFilter.GaussianBlur(mask_blur))
     loras = merge_loras(tagged, request.loras)
     # The parameters text keeps the prompt as typed; LoRAs given apart from it are written in as tags.
     shown = f"{prompt} {lora_tags(loras)}" if request.loras else request.prompt.strip()
@@ -113,7 +150,23 @@ def plan_request(request: ImageRequest, family: str, settings: ImageSettings) ->
         scheduler=scheduler,
         loras=loras,
         notices=tuple(notices),
+        init_image=init_image,
+        mask=mask,
+        strength=float(strength),
+        mask_blur=mask_blur if mask is not None else 0,
     )
+
+
+def fit_image(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
+    """``image`` at width×height: stretched ("resize"), or scaled to cover and centre-cropped ("crop")."""
+    if image.size == (width, height):
+        return image.copy()
+    if mode == "resize":
+        return image.resize((width, height), Image.Resampling.LANCZOS)
+    scale = max(width / image.width, height / image.height)
+    covered = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+    left, top = (covered.width - width) // 2, (covered.height - height) // 2
+    return covered.crop((left, top, left + width, top + height))
 
 
 def _check_size(settings: ImageSettings, name: str, value: int) -> int:

@@ -697,3 +697,64 @@ def test_an_absurd_weight_is_refused_before_any_work(sd15: ImageService) -> None
     with pytest.raises(BadInputError, match=r"weight 1e\+06 on 'cat' is out of range"):
         sd15.generate(ImageRequest(prompt="a (cat:1000000)"), save=False)
     assert load_count(sd15) == before
+
+
+# -- img2img and inpainting ----------------------------------------------------------------------------
+
+
+def a_picture(width: int = 64, height: int = 64) -> Image.Image:
+    gradient = np.linspace(0, 255, width * height * 3).reshape(height, width, 3).astype(np.uint8)
+    return Image.fromarray(gradient)
+
+
+def test_img2img_starts_from_the_picture_and_strength_decides_how_far_it_goes(sd15: ImageService) -> None:
+    start = np.asarray(a_picture(), dtype=np.int16)
+    counted: list[tuple[int, int]] = []
+    request = ImageRequest(prompt=PROMPT, seed=2, steps=10, init_image=a_picture(), strength=0.3)
+    near = sd15.generate(request, save=False, progress=lambda step, total: counted.append((step, total)))
+    far = pixels(sd15, dataclasses.replace(request, strength=1.0))
+    near_pixels = np.asarray(near.images[0].image, dtype=np.int16)
+    assert np.abs(near_pixels - start).mean() < np.abs(far - start).mean()
+    assert counted[-1] == (3, 3) and near.steps_run == 3, "img2img at 0.3 runs 3 of the 10 steps"
+    assert "Denoising strength: 0.3" in near.images[0].parameters
+
+
+def test_inpainting_runs_on_the_loaded_components_and_uses_the_mask(sd15: ImageService) -> None:
+    from generator import _pipeline_like
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # repaint the left half
+    request = ImageRequest(prompt=PROMPT, seed=4, steps=4, init_image=a_picture(), mask=mask, strength=1.0)
+    painted = sd15.generate(request, save=False)
+    with loaded_pipeline(sd15) as loaded:
+        assert _pipeline_like(loaded.pipe, "inpainting").unet is loaded.pipe.unet, "the same weights"
+    assert painted.images[0].image.size == (64, 64) and "Mask blur: 4" in painted.images[0].parameters
+    unmasked = pixels(sd15, dataclasses.replace(request, mask=None))
+    assert np.abs(np.asarray(painted.images[0].image, dtype=np.int16) - unmasked).max() > 0, "the mask was used"
+    assert load_count(sd15) == 1, "txt2img, img2img and inpainting share one loaded model"
+
+
+def test_img2img_requests_are_checked_before_any_work(sd15: ImageService) -> None:
+    before = load_count(sd15)
+    nothing = Image.new("L", (64, 64), 0)
+    cases = [
+        (ImageRequest(prompt=PROMPT, mask=nothing), "a mask needs the picture"),
+        (ImageRequest(prompt=PROMPT, init_image=a_picture(), mask=nothing), "marks nothing to repaint"),
+        (ImageRequest(prompt=PROMPT, init_image=a_picture(), strength=0), "denoising strength"),
+        (ImageRequest(prompt=PROMPT, init_image=a_picture(), strength=1.5), "denoising strength"),
+        (ImageRequest(prompt=PROMPT, init_image=a_picture(), resize_mode="zoom"), "resize mode"),
+        (ImageRequest(prompt=PROMPT, init_image=a_picture(1000, 64)), "width"),
+    ]
+    for request, words in cases:
+        with pytest.raises(BadInputError, match=words):
+            sd15.generate(request, save=False)
+    assert load_count(sd15) == before
+
+
+def test_a_picture_meets_the_size_by_stretching_or_by_cropping() -> None:
+    from stable_diffusion.request import fit_image
+
+    wide = Image.new("RGB", (128, 64), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 32, 64))  # a blue stripe at the left edge
+    assert fit_image(wide, 64, 64, "resize").getpixel((2, 32))[2] > 200  # squeezed in: the stripe stays
+    assert fit_image(wide, 64, 64, "crop").getpixel((2, 32))[0] > 200  # cropped away: red at the edge
