@@ -75,6 +75,10 @@ def build_parser(default_config: Path) -> argparse.ArgumentParser:
     generate.add_argument("-n", "--num-images", type=int)
     generate.add_argument("--scheduler", help="euler_a, dpmpp_2m_karras, ddim or euler")
     generate.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="add a LoRA")
+    generate.add_argument("--init-image", type=Path, help="img2img: start from this picture")
+    generate.add_argument("--strength", type=float, help="img2img denoising strength, above 0 to 1 (default 0.75)")
+    generate.add_argument("--mask", type=Path, help="inpainting: white (or transparent) marks what to repaint")
+    generate.add_argument("--resize", choices=["resize", "crop"], default="resize", help="how the picture fits")
     generate.add_argument("--json", action="store_true", help="print one JSON object describing the images")
 
     transcribe = commands.add_parser("transcribe", help="speech to text: a recording's words on stdout")
@@ -203,6 +207,10 @@ def run_generate(args: argparse.Namespace, services: Services, console: Console)
         num_images=args.num_images,
         scheduler=args.scheduler,
         loras=tuple(parse_lora_option(option) for option in args.lora),
+        init_image=images.read_picture(args.init_image) if args.init_image else None,
+        mask=images.read_mask(args.mask) if args.mask else None,
+        strength=args.strength,
+        resize_mode=args.resize,
     )
     cancel = threading.Event()
     try:

@@ -30,6 +30,7 @@ from typing import Any
 from PIL import Image
 
 from errors import AppError, BadInputError, ModelLoadError, ModelMissingError, OutOfMemoryError, RequestCancelledError
+from media.images import ImageSource, load_image, load_mask, transparent_area
 from model_manager import GIB, Loader, LoadSpec, ModelManager
 from settings import ImageSettings
 from stable_diffusion.lora import LoraFile, check_lora_fits, inspect_lora, lora_hash
@@ -89,6 +90,9 @@ class GenerationResult:
     seconds: float
     notices: tuple[str, ...] = ()  # adjustments the user should know about (SDXL-Turbo's guidance)
     steps_run: int = 0  # denoising steps actually run, over all images
+
+
+PICTURE_REFUSE_PIXELS = 100_000_000  # a picture to start from larger than this is refused before decoding
 
 
 class _Cancelled(Exception):
@@ -215,6 +219,18 @@ class ImageService:
             available = ", ".join(choices) or "none"
             raise ModelMissingError(f"No image model named '{name}'. Installed: {available}.")
         self._selected = choices[name]
+
+    def read_picture(self, source: ImageSource) -> Image.Image:
+        """A picture to start from (img2img, inpainting), checked as every upload is."""
+        return load_image(source, max_pixels=self._settings.max_size**2, refuse_pixels=PICTURE_REFUSE_PIXELS)
+
+    def read_mask(self, source: ImageSource) -> Image.Image:
+        """An inpainting mask, white (or transparent) where to repaint."""
+        return load_mask(source, max_pixels=self._settings.max_size**2, refuse_pixels=PICTURE_REFUSE_PIXELS)
+
+    def read_transparent_area(self, source: ImageSource) -> Image.Image | None:
+        """A picture's own transparent area as an inpainting mask; None when it is opaque."""
+        return transparent_area(source, max_pixels=self._settings.max_size**2, refuse_pixels=PICTURE_REFUSE_PIXELS)
 
     @property
     def default_scheduler(self) -> str:

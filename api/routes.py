@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
@@ -40,6 +41,7 @@ from api.protocol import (
 from api.streaming import PieceRelay, stream_events
 from assistant.dispatch import Answer, Assistant, PendingDrawing
 from errors import AppError, BadInputError
+from generator import ImageRequest
 from model_manager import CatalogEntry
 from services import Services
 from settings import ServerSettings
@@ -65,23 +67,65 @@ def openai_router(
             message = f"unknown image model '{echo(body.model)}'; GET /v1/models lists them"
             raise ApiError(404, message, "model_not_found")
         note(request, model=body.model or images.model_path.stem, route="image", prompt=body.prompt)
-        image_request = image_request_of(body)
+        return await draw(image_request_of(body), body.prompt, body.response_format, request)
+
+    async def draw(image_request: ImageRequest, prompt: str, response_format: str, request: Request) -> dict[str, Any]:
+        """Generate, watching the client; answer in OpenAI's ImagesResponse shape."""
         cancel = threading.Event()
         try:
             async with cancel_on_disconnect(request, cancel):
-                result = await run_in_threadpool(lambda: images.generate(image_request, cancel=cancel))
+                result = await run_in_threadpool(lambda: services.images.generate(image_request, cancel=cancel))
         finally:
             cancel.set()  # done, or abandoned (the server shutting down): stop between steps
         data = []
         for item in result.images:
-            entry: dict[str, Any] = {"revised_prompt": body.prompt, "seed": item.seed}
-            if body.response_format == "url" and item.path is not None:
+            entry: dict[str, Any] = {"revised_prompt": prompt, "seed": item.seed}
+            if response_format == "url" and item.path is not None:
                 entry["url"] = f"{request.base_url}outputs/{outputs_name(item.path, outputs_dir)}"
             else:  # the saved file carries the parameters text; an in-memory image does not
                 data_bytes = item.path.read_bytes() if item.path is not None else png_bytes(item.image)
                 entry["b64_json"] = base64.b64encode(data_bytes).decode("ascii")
             data.append(entry)
         return {"created": int(time.time()), "data": data, "output_format": "png"}
+
+    @router.post("/images/edits")
+    async def images_edits(
+        request: Request,
+        prompt: Annotated[str, Form()],
+        image: Annotated[list[UploadFile] | None, File()] = None,
+        image_list: Annotated[list[UploadFile] | None, File(alias="image[]")] = None,
+        mask: Annotated[UploadFile | None, File()] = None,
+        model: Annotated[str | None, Form()] = None,
+        n: Annotated[int, Form()] = 1,
+        size: Annotated[str | None, Form()] = None,
+        response_format: Annotated[str, Form()] = "b64_json",
+        strength: Annotated[float | None, Form()] = None,
+        negative_prompt: Annotated[str | None, Form()] = None,
+        steps: Annotated[int | None, Form()] = None,
+        seed: Annotated[int | None, Form()] = None,
+    ) -> dict[str, Any]:
+        """OpenAI's image edit: a mask's transparent area (or the image's own) is repainted; without
+        either, the whole picture is redrawn from itself (img2img)."""
+        images = services.images
+        if model not in (None, "auto", images.model_path.stem, images.model_path.name):
+            raise ApiError(404, f"unknown image model '{echo(model)}'; GET /v1/models lists them", "model_not_found")
+        uploads = [*(image or []), *(image_list or [])]
+        if len(uploads) != 1:
+            raise BadInputError("send exactly one image to edit (multipart field 'image')")
+        picture_bytes = await uploads[0].read()
+        mask_bytes = await mask.read() if mask is not None else None
+        note(request, model=model or images.model_path.stem, route="image", prompt=prompt)
+        body = ImageGenerationRequest(
+            prompt=prompt, n=n, size=size, response_format=response_format, negative_prompt=negative_prompt,
+            steps=steps, seed=seed,
+        )  # fmt: skip
+        base = image_request_of(body)
+        start = await run_in_threadpool(images.read_picture, picture_bytes)
+        painted = await run_in_threadpool(images.read_mask, mask_bytes) if mask_bytes else None
+        if painted is None:  # the picture's own transparency, when it has some, marks the area
+            painted = await run_in_threadpool(images.read_transparent_area, picture_bytes)
+        edit = dataclasses.replace(base, init_image=start, mask=painted, strength=strength)
+        return await draw(edit, prompt, response_format, request)
 
     @router.post("/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:

@@ -8,6 +8,7 @@ AUTOMATIC1111's published API; errors come as its ``{"error", "detail"}`` bodies
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from PIL import ImageOps
 from pydantic import ConfigDict
 from starlette.concurrency import run_in_threadpool
 
@@ -72,6 +74,25 @@ class Txt2ImgRequest(CheckedBody):
     override_settings: dict[str, Any] | None = None
 
 
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: list[str]  # base64 (or data: URIs)
+    mask: str | None = None  # white repaints (A1111's convention)
+    denoising_strength: float = 0.75
+    mask_blur: int | None = None
+    resize_mode: int = 0  # 0 just resize, 1 crop and resize
+    inpainting_mask_invert: int = 0
+
+
+def picture_bytes(value: str) -> bytes | str:
+    """A picture as A1111's clients send it: base64, or a data: URI (kept as it is for the decoder)."""
+    if value.startswith("data:"):
+        return value
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadInputError("a picture must be base64 (or a data: URI)") from None
+
+
 @dataclass
 class Job:
     """The image job running through this API, for /progress and /interrupt."""
@@ -81,6 +102,7 @@ class Job:
     steps: int = 0
     running: bool = False
     interrupted: bool = False
+    kind: str = "txt2img"
     cancels: list[threading.Event] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -127,9 +149,7 @@ def sdapi_router(services: Services, server: ServerSettings) -> APIRouter:
         path = images.installed_models().get(name)
         return path.name if path is not None else name
 
-    @router.post("/txt2img")
-    @answered
-    async def txt2img(body: Txt2ImgRequest, request: Request) -> Any:
+    def request_of(body: Txt2ImgRequest, **start: Any) -> ImageRequest:
         if body.enable_hr:
             raise BadInputError("hires fix (enable_hr) is not available on this server yet; send enable_hr: false")
         if not 1 <= body.batch_size <= 64 or not 1 <= body.n_iter <= 64:
@@ -137,7 +157,7 @@ def sdapi_router(services: Services, server: ServerSettings) -> APIRouter:
         checkpoint = (body.override_settings or {}).get("sd_model_checkpoint")
         if checkpoint:
             select_checkpoint(str(checkpoint))
-        image_request = ImageRequest(
+        return ImageRequest(
             prompt=body.prompt,
             negative_prompt=body.negative_prompt,
             width=body.width,
@@ -147,7 +167,10 @@ def sdapi_router(services: Services, server: ServerSettings) -> APIRouter:
             seed=body.seed,
             num_images=body.batch_size * body.n_iter,
             scheduler=scheduler_for(body.sampler_name or body.sampler_index, body.scheduler),
+            **start,
         )
+
+    async def run_job(body: Txt2ImgRequest, image_request: ImageRequest, request: Request, kind: str) -> Any:
         note(request, model=images.selected_name, route="image", prompt=body.prompt)
         cancel = threading.Event()
 
@@ -157,6 +180,7 @@ def sdapi_router(services: Services, server: ServerSettings) -> APIRouter:
         with job.lock:
             job.cancels.append(cancel)
             job.started, job.step, job.steps, job.running, job.interrupted = time.time(), 0, 0, True, False
+            job.kind = kind
         try:
             result = await run_in_threadpool(lambda: images.generate(image_request, progress=progress, cancel=cancel))
         finally:
@@ -185,11 +209,36 @@ def sdapi_router(services: Services, server: ServerSettings) -> APIRouter:
             "infotexts": [item.parameters for item in result.images],
             "interrupted": result.cancelled,
         }
-        return {
-            "images": encoded if body.send_images else [],
-            "parameters": body.model_dump(),
-            "info": json.dumps(info),
-        }
+        parameters = body.model_dump(exclude={"init_images", "mask"})
+        return {"images": encoded if body.send_images else [], "parameters": parameters, "info": json.dumps(info)}
+
+    @router.post("/txt2img")
+    @answered
+    async def txt2img(body: Txt2ImgRequest, request: Request) -> Any:
+        return await run_job(body, request_of(body), request, "txt2img")
+
+    @router.post("/img2img")
+    @answered
+    async def img2img(body: Img2ImgRequest, request: Request) -> Any:
+        if len(body.init_images) != 1:
+            raise BadInputError("send one picture in init_images (this server draws from one at a time)")
+        if body.resize_mode not in (0, 1):
+            raise BadInputError("the resize mode (resize_mode) must be 0, just resize, or 1, crop and resize")
+        start = await run_in_threadpool(images.read_picture, picture_bytes(body.init_images[0]))
+        mask = None
+        if body.mask:
+            mask = await run_in_threadpool(images.read_mask, picture_bytes(body.mask))
+            if body.inpainting_mask_invert:
+                mask = ImageOps.invert(mask)
+        image_request = request_of(
+            body,
+            init_image=start,
+            mask=mask,
+            strength=body.denoising_strength,
+            mask_blur=body.mask_blur,
+            resize_mode="crop" if body.resize_mode == 1 else "resize",
+        )
+        return await run_job(body, image_request, request, "img2img")
 
     @router.get("/progress")
     async def progress(skip_current_image: bool = False) -> dict[str, Any]:
@@ -199,7 +248,7 @@ def sdapi_router(services: Services, server: ServerSettings) -> APIRouter:
         state = {
             "skipped": False,
             "interrupted": job.interrupted,
-            "job": "txt2img" if job.running else "",
+            "job": job.kind if job.running else "",
             "job_count": len(job.cancels),
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or time.time())),
             "job_no": 0,

@@ -41,6 +41,40 @@ def load_image(source: ImageSource, *, max_pixels: int, refuse_pixels: int) -> I
         return _normalise(opened, max_pixels, refuse_pixels)
 
 
+def load_mask(source: ImageSource, *, max_pixels: int, refuse_pixels: int) -> Image.Image:
+    """An inpainting mask as "L", white where to repaint. A mask with transparency marks the area to
+    repaint as transparent (OpenAI's images/edits convention); one without is read as grey levels."""
+    if isinstance(source, Image.Image):
+        return _mask_of(source, max_pixels, refuse_pixels)
+    with _open(_as_file(source), refuse_pixels) as opened:
+        return _mask_of(opened, max_pixels, refuse_pixels)
+
+
+def transparent_area(source: ImageSource, *, max_pixels: int, refuse_pixels: int) -> Image.Image | None:
+    """The picture's own transparent area as a mask (white where transparent), or None when it has none."""
+    opened = source if isinstance(source, Image.Image) else _open(_as_file(source), refuse_pixels)
+    if "A" not in opened.getbands() and "transparency" not in opened.info:
+        return None
+    mask = _mask_of(opened, max_pixels, refuse_pixels)
+    return mask if mask.getextrema()[1] > 0 else None
+
+
+def _mask_of(image: Image.Image, max_pixels: int, refuse_pixels: int) -> Image.Image:
+    width, height = image.size
+    if width * height > refuse_pixels:
+        raise _too_large(width * height, refuse_pixels, (width, height))
+    try:
+        image.load()
+        transparent = "A" in image.getbands() or "transparency" in image.info
+        mask = ImageOps.invert(image.convert("RGBA").getchannel("A")) if transparent else image.convert("L")
+    except DECODE_ERRORS:
+        raise BadInputError("the mask is truncated or corrupt; its pixels could not be read") from None
+    if width * height > max_pixels:
+        scale = math.sqrt(max_pixels / (width * height))
+        mask = mask.resize((max(1, int(width * scale)), max(1, int(height * scale))))
+    return mask
+
+
 # ----------------------------------------------------------------------------
 # Where the bytes come from
 # ----------------------------------------------------------------------------

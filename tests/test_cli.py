@@ -148,6 +148,24 @@ def test_generate_writes_a_png_with_its_parameters(tiny_config: Path, tmp_path: 
     assert "Seed: 11" in image.text["parameters"] and "film-grain" in image.text["parameters"]
 
 
+def test_generate_from_a_picture_and_a_mask(tiny_config: Path, tmp_path: Path) -> None:
+    start, mask, out = tmp_path / "start.png", tmp_path / "mask.png", tmp_path / "painted.png"
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(start)
+    painted_area = Image.new("L", (64, 64), 0)
+    painted_area.paste(255, (0, 0, 32, 32))
+    painted_area.save(mask)
+    result = run_cli(
+        "generate", "a pond", "--init-image", str(start), "--strength", "0.5", "--mask", str(mask), "--steps", "4",
+        "--out", str(out), config=tiny_config,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "2/2 steps" in result.stderr, "half of the 4 steps at strength 0.5"
+    parameters = Image.open(out).text["parameters"]
+    assert "Denoising strength: 0.5" in parameters and "Mask blur: 4" in parameters
+    broken = run_cli("generate", "a pond", "--init-image", str(tmp_path / "absent.png"), config=tiny_config)
+    assert broken.returncode == 1 and "there is no image file at" in broken.stderr.strip().splitlines()[-1]
+
+
 def test_generate_bad_size_is_one_line_error(tiny_config: Path, tmp_path: Path) -> None:
     result = run_cli("generate", "x", "--width", "70", config=tiny_config)
     assert result.returncode == 1

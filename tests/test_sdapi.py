@@ -94,3 +94,53 @@ def test_options_switch_the_checkpoint_by_its_title(running_app: RunningApp) -> 
     refused = post(running_app, "options", {"sd_model_checkpoint": "absent.safetensors [99]"})
     assert refused.status_code == 404 and "Installed: tiny-sd15" in refused.json()["detail"]
     assert httpx.get(f"{running_app.url}/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-sd15"
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_img2img_and_inpainting_as_automatic1111_clients_send_them(running_app: RunningApp) -> None:
+    start = Image.new("RGB", (96, 64), (200, 40, 40))
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (0, 0, 48, 64))
+    body = {"prompt": "a red barn", "seed": 3, "sampler_name": "Euler", **SMALL, "steps": 4,
+            "init_images": [png_b64(start)], "denoising_strength": 0.5, "resize_mode": 1}  # fmt: skip
+    redrawn = post(running_app, "img2img", body)
+    assert redrawn.status_code == 200, redrawn.text
+    picture = Image.open(io.BytesIO(base64.b64decode(redrawn.json()["images"][0])))
+    assert picture.size == (64, 64) and "Denoising strength: 0.5" in picture.info["parameters"]
+    assert "init_images" not in redrawn.json()["parameters"], "the pictures are not echoed back"
+    painted = post(running_app, "img2img", {**body, "mask": f"data:image/png;base64,{png_b64(mask)}", "mask_blur": 2})
+    assert painted.status_code == 200, painted.text
+    assert "Mask blur: 2" in Image.open(io.BytesIO(base64.b64decode(painted.json()["images"][0]))).info["parameters"]
+    for bad, words in (({"init_images": []}, "one picture"), ({"init_images": ["%%%"]}, "base64"),
+                       ({"resize_mode": 3}, "resize mode")):  # fmt: skip
+        refused = post(running_app, "img2img", {**body, **bad})
+        assert refused.status_code == 400 and words in refused.json()["detail"], refused.text
+
+
+def test_openai_image_edits_repaint_the_transparent_area(running_app: RunningApp, tmp_path) -> None:
+    from openai import OpenAI
+
+    from tests.openai_schema import validate
+
+    client = OpenAI(base_url=f"{running_app.url}/v1", api_key="unused")
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (64, 64), (20, 120, 200)).save(picture)
+    hole = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    hole.paste((0, 0, 0, 0), (16, 16, 48, 48))  # transparent: repaint here
+    mask = tmp_path / "mask.png"
+    hole.save(mask)
+    with picture.open("rb") as image_file, mask.open("rb") as mask_file:
+        edited = client.images.edit(image=image_file, mask=mask_file, prompt="a red door", n=1, size="64x64",
+                                    extra_body={"steps": 3, "seed": 9})  # fmt: skip
+    validate(edited.model_dump(exclude_none=True), "ImagesResponse")
+    result = Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json)))
+    assert result.size == (64, 64) and "Mask blur: 4" in result.info["parameters"]
+    with picture.open("rb") as image_file:  # no mask and an opaque picture: the whole picture is redrawn
+        redrawn = client.images.edit(image=image_file, prompt="a red door", extra_body={"steps": 3, "strength": 0.5})
+    info = Image.open(io.BytesIO(base64.b64decode(redrawn.data[0].b64_json))).info["parameters"]
+    assert "Denoising strength: 0.5" in info and "Mask blur" not in info
