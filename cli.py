@@ -79,6 +79,9 @@ def build_parser(default_config: Path) -> argparse.ArgumentParser:
     generate.add_argument("--strength", type=float, help="img2img denoising strength, above 0 to 1 (default 0.75)")
     generate.add_argument("--mask", type=Path, help="inpainting: white (or transparent) marks what to repaint")
     generate.add_argument("--resize", choices=["resize", "crop"], default="resize", help="how the picture fits")
+    generate.add_argument("--hires", help="hires fix: upscale by this much and redraw, e.g. 2x or 1.5")
+    generate.add_argument("--hires-strength", type=float, help="the hires pass's denoising strength (default 0.5)")
+    generate.add_argument("--hires-steps", type=int, help="the hires pass's steps (default: --steps)")
     generate.add_argument("--json", action="store_true", help="print one JSON object describing the images")
 
     transcribe = commands.add_parser("transcribe", help="speech to text: a recording's words on stdout")
@@ -211,6 +214,9 @@ def run_generate(args: argparse.Namespace, services: Services, console: Console)
         mask=images.read_mask(args.mask) if args.mask else None,
         strength=args.strength,
         resize_mode=args.resize,
+        hires_scale=parse_scale(args.hires) if args.hires else None,
+        hires_strength=args.hires_strength,
+        hires_steps=args.hires_steps,
     )
     cancel = threading.Event()
     try:
@@ -421,6 +427,14 @@ def run_model_files(chore: str, args: argparse.Namespace, folder: Path, console:
         f"installed {len(result.installed)} files, {len(result.unchanged)} already in place and unchanged\n"
     )
     return 0
+
+
+def parse_scale(text: str) -> float:
+    """ "2x", "2" or "1.5x"."""
+    try:
+        return float(text.strip().lower().removesuffix("x"))
+    except ValueError:
+        raise BadInputError(f"--hires takes a scale such as 2x or 1.5, not '{text}'") from None
 
 
 def parse_size(text: str) -> int:

@@ -485,8 +485,10 @@ class ImageService:
         total = plan.steps_run * plan.num_images
         loaded = job.loaded
 
+        passed = [done]  # steps of this image counted before the running pass
+
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            steps.step(done + min(step + 1, plan.steps_run), total)
+            steps.step(min(passed[0] + step + 1, done + plan.steps_run), total)
             if cancel is not None and cancel.is_set():
                 raise _Cancelled
             return tensors
@@ -510,12 +512,27 @@ class ImageService:
                 callback_on_step_end=on_step_end,
                 output_type="pil",
             )
+            image = output.images[0]
+            if plan.hires_scale > 1:  # hires fix: upscale, then redraw the details at the larger size
+                passed[0] = done + plan.first_pass_steps
+                upscaled = image.resize((plan.hires_width, plan.hires_height), Image.Resampling.LANCZOS)
+                image = _pipeline_like(loaded.pipe, "image2image")(
+                    **self._prompt_arguments(loaded, plan),
+                    image=upscaled,
+                    strength=plan.hires_strength,
+                    num_inference_steps=plan.hires_steps,
+                    guidance_scale=plan.guidance,
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    callback_on_step_end=on_step_end,
+                    output_type="pil",
+                ).images[0]
         except torch.OutOfMemoryError as error:
+            size = f"{plan.hires_width}x{plan.hires_height}" if plan.hires_scale > 1 else f"{plan.width}x{plan.height}"
             raise OutOfMemoryError(
-                f"the {self.device} ran out of memory making a {plan.width}x{plan.height} image; "
-                "choose a smaller size, or unload other models"
+                f"the {self.device} ran out of memory making a {size} image; "
+                "choose a smaller size (or hires scale), or unload other models"
             ) from error
-        return output.images[0]
+        return image
 
     def _prompt_arguments(self, loaded: LoadedImageModel, plan: Plan) -> dict[str, Any]:
         """The prompts as the pipeline takes them: text when CLIP reads them as they are, else

@@ -70,6 +70,11 @@ class Txt2ImgRequest(CheckedBody):
     width: int | None = None
     height: int | None = None
     enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_denoising_strength: float | None = None  # img2img's hires strength (txt2img uses denoising_strength)
+    denoising_strength: float | None = None
     send_images: bool = True
     override_settings: dict[str, Any] | None = None
 
@@ -77,7 +82,7 @@ class Txt2ImgRequest(CheckedBody):
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str]  # base64 (or data: URIs)
     mask: str | None = None  # white repaints (A1111's convention)
-    denoising_strength: float = 0.75
+    denoising_strength: float | None = 0.75
     mask_blur: int | None = None
     resize_mode: int = 0  # 0 just resize, 1 crop and resize
     inpainting_mask_invert: int = 0
@@ -150,8 +155,12 @@ def sdapi_router(services: Services, server: ServerSettings) -> APIRouter:
         return path.name if path is not None else name
 
     def request_of(body: Txt2ImgRequest, **start: Any) -> ImageRequest:
-        if body.enable_hr:
-            raise BadInputError("hires fix (enable_hr) is not available on this server yet; send enable_hr: false")
+        if body.enable_hr:  # any upscaler name is taken: the image is upscaled with Lanczos, then redrawn
+            start |= {
+                "hires_scale": body.hr_scale,
+                "hires_strength": body.denoising_strength if not start else body.hr_denoising_strength,
+                "hires_steps": body.hr_second_pass_steps or None,
+            }
         if not 1 <= body.batch_size <= 64 or not 1 <= body.n_iter <= 64:
             raise BadInputError("batch_size and n_iter must each be 1 to 64")
         checkpoint = (body.override_settings or {}).get("sd_model_checkpoint")

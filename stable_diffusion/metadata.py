@@ -43,6 +43,12 @@ def format_parameters(
         "Model hash": model_hash_text,
         "Model": model.name,
     }
+    if plan.hires_scale > 1:
+        values["Size"] = f"{plan.width}x{plan.height}"
+        values["Denoising strength"] = plan.hires_strength
+        values["Hires upscale"] = f"{plan.hires_scale:g}"
+        values["Hires steps"] = plan.hires_steps
+        values["Hires upscaler"] = "Lanczos"
     if plan.init_image is not None:
         values["Denoising strength"] = plan.strength
     if plan.mask is not None:

@@ -32,6 +32,7 @@ TURBO_DEFAULT_STEPS = 1
 MAX_SEED = 2**64 - 1
 DEFAULT_STRENGTH = 0.75  # img2img's usual denoising strength
 DEFAULT_MASK_BLUR = 4
+DEFAULT_HIRES_STRENGTH = 0.5
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class ImageRequest:
     strength: float | None = None  # denoising strength, 0–1: how far from init_image the result may go
     mask_blur: int | None = None  # pixels of blur on the mask's edge
     resize_mode: str = "resize"  # how init_image meets width×height: "resize" (stretch) or "crop" (fill, then crop)
+    hires_scale: float | None = None  # hires fix: upscale the result by this much (e.g. 2), then redraw it
+    hires_strength: float | None = None  # the second pass's denoising strength (default 0.5)
+    hires_steps: int | None = None  # the second pass's steps (default: the first pass's)
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,22 @@ class Plan:
     mask: Image.Image | None = None  # "L", at width×height, blurred
     strength: float = 1.0
     mask_blur: int = 0
+    hires_scale: float = 1.0  # 1: no hires fix
+    hires_strength: float = 0.5
+    hires_steps: int = 0
+    hires_width: int = 0
+    hires_height: int = 0
+
+    @property
+    def first_pass_steps(self) -> int:
+        """Denoising steps the first pass runs: img2img skips the first (1 - strength) of them."""
+        return self.steps if self.init_image is None else max(1, int(self.steps * self.strength))
 
     @property
     def steps_run(self) -> int:
-        """Denoising steps each image really runs: img2img skips the first (1 - strength) of them."""
-        return self.steps if self.init_image is None else max(1, int(self.steps * self.strength))
+        """Denoising steps each image really runs, both passes of a hires fix together."""
+        second = max(1, int(self.hires_steps * self.hires_strength)) if self.hires_scale > 1 else 0
+        return self.first_pass_steps + second
 
 
 def plan_request(request: ImageRequest, family: str, settings: ImageSettings) -> Plan:
@@ -134,6 +149,7 @@ def plan_request(request: ImageRequest, family: str, settings: ImageSettings) ->
             raise BadInputError("the mask marks nothing to repaint: paint the area to change white (or transparent)")
         if mask_blur:
             mask = mask.filter(ImageFilter.GaussianBlur(mask_blur))
+    hires = _check_hires(request, settings, width, height, steps)
     loras = merge_loras(tagged, request.loras)
     # The parameters text keeps the prompt as typed; LoRAs given apart from it are written in as tags.
     shown = f"{prompt} {lora_tags(loras)}" if request.loras else request.prompt.strip()
@@ -154,7 +170,28 @@ def plan_request(request: ImageRequest, family: str, settings: ImageSettings) ->
         mask=mask,
         strength=float(strength),
         mask_blur=mask_blur if mask is not None else 0,
+        **hires,
     )
+
+
+def _check_hires(request: ImageRequest, settings: ImageSettings, width: int, height: int, steps: int) -> dict[str, Any]:
+    scale = _or(request.hires_scale, 1.0)
+    if not isinstance(scale, int | float) or not 1 <= scale <= 4:
+        raise BadInputError(f"the hires fix scale must be from 1 (off) to 4, e.g. 2; got {scale!r}")
+    if scale == 1:
+        return {}
+    strength = _or(request.hires_strength, DEFAULT_HIRES_STRENGTH)
+    if not isinstance(strength, int | float) or not 0 < strength <= 1:
+        raise BadInputError(f"the hires fix denoising strength must be above 0 and at most 1; got {strength!r}")
+    hires_steps = _or(request.hires_steps, steps)
+    _check_range("hires steps", hires_steps, 1, settings.max_steps, "image.max_steps")
+    size = {"hires_width": round(width * scale / 8) * 8, "hires_height": round(height * scale / 8) * 8}
+    if max(size.values()) > settings.max_size:
+        raise BadInputError(
+            f"the hires fix makes the image {size['hires_width']}x{size['hires_height']}; the largest side allowed "
+            f"is {settings.max_size} (image.max_size): choose a smaller scale or size"
+        )
+    return {"hires_scale": float(scale), "hires_strength": float(strength), "hires_steps": hires_steps, **size}
 
 
 def fit_image(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:

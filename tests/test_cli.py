@@ -166,6 +166,15 @@ def test_generate_from_a_picture_and_a_mask(tiny_config: Path, tmp_path: Path) -
     assert broken.returncode == 1 and "there is no image file at" in broken.stderr.strip().splitlines()[-1]
 
 
+def test_generate_with_the_hires_fix(tiny_config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "big.png"
+    result = run_cli("generate", "a pond", "--steps", "2", "--hires", "2x", "--out", str(out), config=tiny_config)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size == (128, 128) and "Hires upscale: 2" in Image.open(out).text["parameters"]
+    wrong = run_cli("generate", "a pond", "--hires", "double", config=tiny_config)
+    assert wrong.returncode == 1 and "--hires takes a scale such as 2x" in wrong.stderr
+
+
 def test_generate_bad_size_is_one_line_error(tiny_config: Path, tmp_path: Path) -> None:
     result = run_cli("generate", "x", "--width", "70", config=tiny_config)
     assert result.returncode == 1

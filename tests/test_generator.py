@@ -758,3 +758,25 @@ def test_a_picture_meets_the_size_by_stretching_or_by_cropping() -> None:
     wide.paste((0, 0, 255), (0, 0, 32, 64))  # a blue stripe at the left edge
     assert fit_image(wide, 64, 64, "resize").getpixel((2, 32))[2] > 200  # squeezed in: the stripe stays
     assert fit_image(wide, 64, 64, "crop").getpixel((2, 32))[0] > 200  # cropped away: red at the edge
+
+
+def test_hires_fix_upscales_then_redraws_and_says_so_in_the_parameters(sd15: ImageService) -> None:
+    counted: list[tuple[int, int]] = []
+    request = ImageRequest(prompt=PROMPT, seed=6, steps=4, hires_scale=2, hires_strength=0.5)
+    result = sd15.generate(request, save=False, progress=lambda step, total: counted.append((step, total)))
+    image = result.images[0]
+    assert image.image.size == (128, 128)
+    assert counted[-1] == (6, 6) and result.steps_run == 6, "4 steps, then 2 of 4 at strength 0.5"
+    assert "Size: 64x64" in image.parameters and "Hires upscale: 2" in image.parameters
+    assert "Hires steps: 4" in image.parameters and "Denoising strength: 0.5" in image.parameters
+    plain_upscale = np.asarray(
+        sd15.generate(dataclasses.replace(request, hires_scale=None), save=False)
+        .images[0]
+        .image.resize((128, 128), Image.Resampling.LANCZOS),
+        dtype=np.int16,
+    )
+    assert np.abs(np.asarray(image.image, dtype=np.int16) - plain_upscale).max() > 0, "the second pass redrew it"
+    with pytest.raises(BadInputError, match="hires fix makes the image 512x512"):
+        sd15.generate(dataclasses.replace(request, width=256, height=256), save=False)
+    with pytest.raises(BadInputError, match="scale must be from 1"):
+        sd15.generate(dataclasses.replace(request, hires_scale=9), save=False)

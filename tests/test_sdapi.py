@@ -77,7 +77,7 @@ def test_progress_and_interrupt_reach_a_running_job(running_app: RunningApp) -> 
 def test_bad_requests_get_automatic1111_error_bodies(running_app: RunningApp) -> None:
     cases = [
         ({"prompt": "x", "sampler_name": "Heun", **SMALL}, 400, "unknown sampler 'Heun'"),
-        ({"prompt": "x", "enable_hr": True, **SMALL}, 400, "hires fix"),
+        ({"prompt": "x", "enable_hr": True, "hr_scale": 9, **SMALL}, 400, "hires fix scale"),
         ({"prompt": "x", **SMALL, "width": 1000}, 400, "width"),
         ({"prompt": "x", **SMALL, "batch_size": 0}, 400, "batch_size"),
         ({"prompt": "x", **SMALL, "override_settings": {"sd_model_checkpoint": "nope"}}, 404, "No image model named"),
@@ -144,3 +144,13 @@ def test_openai_image_edits_repaint_the_transparent_area(running_app: RunningApp
         redrawn = client.images.edit(image=image_file, prompt="a red door", extra_body={"steps": 3, "strength": 0.5})
     info = Image.open(io.BytesIO(base64.b64decode(redrawn.data[0].b64_json))).info["parameters"]
     assert "Denoising strength: 0.5" in info and "Mask blur" not in info
+
+
+def test_txt2img_with_the_hires_fix(running_app: RunningApp) -> None:
+    body = {"prompt": "a lighthouse", "seed": 2, "sampler_name": "Euler", **SMALL, "enable_hr": True,
+            "hr_scale": 2, "denoising_strength": 0.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 2}  # fmt: skip
+    answer = post(running_app, "txt2img", body)
+    assert answer.status_code == 200, answer.text
+    picture = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+    assert picture.size == (128, 128)
+    assert "Hires upscale: 2" in picture.info["parameters"] and "Hires upscaler: Lanczos" in picture.info["parameters"]
