@@ -115,11 +115,17 @@ def _typed_parameters(values: Mapping[str, str]) -> dict[str, Any]:
         "Seed": ("seed", int),
         "Model": ("model", str),
         "Model hash": ("model_hash", str),
+        "Denoising strength": ("strength", float),
+        "Mask blur": ("mask_blur", int),
+        "Hires upscale": ("hires_scale", float),
+        "Hires steps": ("hires_steps", int),
     }
     for key, (name, convert) in converters.items():
         if key in values:
             with contextlib.suppress(ValueError):
                 result[name] = convert(values[key])
+    if "hires_scale" in result and "strength" in result:  # A1111 writes the hires pass's strength there
+        result["hires_strength"] = result.pop("strength")
     if "Size" in values:
         width, _, height = values["Size"].partition("x")
         with contextlib.suppress(ValueError):

@@ -437,3 +437,57 @@ def test_hands_free_turns_end_on_a_pause_and_talking_over_an_answer_stops_it(
     assert len(stopped.split()) < 1000, "the answer was cut long before its 1500 tokens"
     shot(page, "hands-free.png")
     page.context.browser.close()
+
+
+# -- img2img and the hires fix in the Text-to-image tab ----------------------------------------------
+
+
+def newest_png(page: Page) -> str:
+    """The saved PNG the info beside the gallery names ("seed 123: /…/file.png")."""
+    import re
+
+    found = re.search(r"seed \d+: (\S+\.png)", page.locator("#image-info").inner_text())
+    assert found, page.locator("#image-info").inner_text()
+    return found.group(1)
+
+
+def saved_parameters(page: Page) -> str:
+    return Image.open(newest_png(page)).text["parameters"]
+
+
+def test_a_picture_goes_back_into_img2img_with_the_hires_fix_and_comes_back_from_its_png(
+    running_app: RunningApp, browser
+) -> None:
+    page = browser.new_page()
+    page.goto(running_app.url)
+    page.get_by_role("tab", name="Text to image").click()
+    page.locator("#image-prompt textarea").fill("a red barn")
+    steps = page.get_by_label("Steps", exact=True)
+    steps.fill("2")
+    steps.press("Tab")
+    page.locator("#image-generate").click()
+    expect(page.locator("#image-info")).to_contain_text("seed", timeout=60_000)
+    page.locator("#image-gallery img").first.click()
+    page.locator("#image-send-to-start").click()
+    expect(page.locator("#image-info")).to_contain_text("Start from a picture", timeout=10_000)
+    page.get_by_text("Start from a picture: img2img").click()
+    expect(page.locator("#image-start-editor canvas, #image-start-editor img").first).to_be_visible(timeout=10_000)
+    page.locator("#image-hires input").check()
+    first = page.locator("#image-info").inner_text()
+    page.locator("#image-generate").click()
+    expect(page.locator("#image-info")).not_to_have_text(first, timeout=90_000)
+    expect(page.locator("#image-info")).to_contain_text("seed", timeout=10_000)
+    parameters = saved_parameters(page)
+    assert "Denoising strength" in parameters and "Hires upscale: 2" in parameters, parameters
+    shot(page, "img2img-hires.png")
+    # The PNG brings the hires settings back.
+    path = newest_png(page)
+    fresh = browser.new_page()
+    fresh.goto(running_app.url)
+    fresh.get_by_role("tab", name="Text to image").click()
+    fresh.locator("#image-restore input[type=file]").set_input_files(path)
+    expect(fresh.locator("#image-restore-note")).to_contain_text("Restored", timeout=30_000)
+    expect(fresh.locator("#image-hires input")).to_be_checked()
+    expect(fresh.get_by_label("Hires scale", exact=True)).to_have_value("2")
+    fresh.close()
+    page.close()

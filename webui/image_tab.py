@@ -37,7 +37,17 @@ class ImageTab:
     restore: gr.File
     restore_note: gr.Markdown
     field_problems: gr.Markdown
-    bounds: tuple[Bounds, ...]  # of width, height, steps, guidance, seed, count
+    bounds: tuple[Bounds, ...]  # of width, height, steps, guidance, seed, count, and the five below
+    start: gr.ImageEditor  # img2img: the picture; inpainting: what is painted on it
+    strength: gr.Number
+    mask_blur: gr.Number
+    resize_mode: gr.Radio
+    hires: gr.Checkbox
+    hires_scale: gr.Number
+    hires_strength: gr.Number
+    hires_steps: gr.Number
+    send_to_start: gr.Button
+    selected: gr.State  # the gallery picture last clicked
 
     @property
     def parameters(self) -> list[Any]:
@@ -57,7 +67,22 @@ class ImageTab:
     @property
     def numbers(self) -> list[tuple[Bounds, gr.Number]]:
         fields = [self.width, self.height, self.steps, self.guidance, self.seed, self.count]
-        return list(zip(self.bounds, fields, strict=True))
+        extra = [self.strength, self.mask_blur, self.hires_scale, self.hires_strength, self.hires_steps]
+        return list(zip(self.bounds, [*fields, *extra], strict=True))
+
+    @property
+    def picture_settings(self) -> list[Any]:
+        """What a generation reads besides ImageRequest's basics: the start picture and the hires fix."""
+        return [
+            self.start,
+            self.strength,
+            self.mask_blur,
+            self.resize_mode,
+            self.hires,
+            self.hires_scale,
+            self.hires_strength,
+            self.hires_steps,
+        ]
 
 
 def image_bounds(settings: ImageSettings) -> tuple[Bounds, ...]:
@@ -69,6 +94,11 @@ def image_bounds(settings: ImageSettings) -> tuple[Bounds, ...]:
         Bounds("Guidance (CFG)", 0, 30),
         Bounds("Seed (-1: random)", 0, 2**32 - 1, integer=True, special=-1),
         Bounds("Images", 1, settings.max_images, integer=True),
+        Bounds("Denoising strength", 0.01, 1),
+        Bounds("Mask blur", 0, 64, integer=True),
+        Bounds("Hires scale", 1, 4),
+        Bounds("Hires denoising strength", 0.01, 1),
+        Bounds("Hires steps", 1, settings.max_steps, integer=True),
     )
 
 
@@ -112,6 +142,9 @@ def build_image_tab(images: ImageService, settings: ImageSettings) -> ImageTab:
             lora = gr.Dropdown(value=None, elem_id="image-lora", **lora_choices(images))
         with gr.Column(scale=4, min_width=300):
             gallery = gr.Gallery(label="Images", columns=2, height="auto", elem_id="image-gallery")
+            send_to_start = gr.Button(
+                "Send the picture clicked to img2img / inpaint", size="sm", elem_id="image-send-to-start"
+            )
             info = gr.Markdown(elem_id="image-info")
     with gr.Accordion("Settings", open=True):
         with gr.Row():
@@ -127,7 +160,26 @@ def build_image_tab(images: ImageService, settings: ImageSettings) -> ImageTab:
                 value=defaults.scheduler,
                 label="Sampler",
             )
+        with gr.Row():
+            hires = gr.Checkbox(label="Hires fix (upscale, then redraw)", value=False, elem_id="image-hires")
+            hires_scale = number_field(bounds[8], 2, elem_id="image-hires-scale")
+            hires_strength = number_field(bounds[9], 0.5, elem_id="image-hires-strength")
+            hires_steps = number_field(bounds[10], defaults.steps, elem_id="image-hires-steps")
         field_problems = gr.Markdown(visible=False, elem_id="image-field-problems", elem_classes=["field-problems"])
+    with gr.Accordion("Start from a picture: img2img, or paint over it to inpaint", open=False, elem_id="image-start"):
+        start = gr.ImageEditor(
+            type="pil",
+            sources=["upload", "clipboard"],
+            brush=gr.Brush(colors=["#ffffff"], default_size=32, color_mode="fixed"),
+            label="Picture (paint the area to repaint; leave it unpainted to redraw the whole picture)",
+            elem_id="image-start-editor",
+        )
+        with gr.Row():
+            strength = number_field(bounds[6], 0.75, elem_id="image-strength")
+            mask_blur = number_field(bounds[7], 4, elem_id="image-mask-blur")
+            resize_mode = gr.Radio(
+                [("Stretch to the size", "resize"), ("Crop to the size", "crop")], value="resize", label="Fit"
+            )
     restore = gr.File(
         label="Drop a PNG made here (or by AUTOMATIC1111) to restore its settings",
         file_types=[".png"],
@@ -136,8 +188,26 @@ def build_image_tab(images: ImageService, settings: ImageSettings) -> ImageTab:
     restore_note = gr.Markdown(elem_id="image-restore-note")
     return ImageTab(
         notice, prompt, negative, width, height, steps, guidance, seed, count, scheduler, lora, generate, cancel,
-        gallery, info, restore, restore_note, field_problems, bounds,
+        gallery, info, restore, restore_note, field_problems, bounds, start, strength, mask_blur, resize_mode,
+        hires, hires_scale, hires_strength, hires_steps, send_to_start, gr.State(None),
     )  # fmt: skip
+
+
+def start_and_mask(images: ImageService, value: dict[str, Any] | None) -> tuple[Any, Any]:
+    """The editor's picture (checked like any upload) and, when something is painted on it, the mask."""
+    from PIL import ImageChops
+
+    if not value or value.get("background") is None:
+        return None, None
+    picture = images.read_picture(value["background"])
+    painted = None
+    for layer in value.get("layers") or []:
+        if layer is not None and "A" in layer.getbands():
+            alpha = layer.getchannel("A")
+            painted = alpha if painted is None else ImageChops.lighter(painted, alpha)
+    if painted is None or painted.getextrema()[1] == 0:
+        return picture, None
+    return picture, images.read_mask(painted.resize(picture.size))
 
 
 def describe_result(result: Any) -> str:
@@ -163,12 +233,26 @@ def wire_image_tab(tab: ImageTab, images: ImageService, after: Callable[[Any], N
         seed: float,
         count: float,
         scheduler: str,
+        start: dict[str, Any] | None,
+        strength: float,
+        mask_blur: float,
+        resize_mode: str,
+        hires: bool,
+        hires_scale: float,
+        hires_strength: float,
+        hires_steps: float,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way to ask for a progress bar
     ) -> tuple[Any, str]:
-        found = problems(list(zip(tab.bounds, (width, height, steps, guidance, seed, count), strict=True)))
+        values = (width, height, steps, guidance, seed, count, strength, mask_blur, hires_scale, hires_strength,
+                  hires_steps)  # fmt: skip
+        found = problems(list(zip(tab.bounds, values, strict=True)))
         if found:  # refused as typed: nothing is changed behind the user's back
             return gr.skip(), problems_text(found)
+        try:
+            picture, mask = start_and_mask(images, start)
+        except Exception as error:  # a picture that cannot be used: said beside the gallery
+            return gr.skip(), f"⚠️ {user_message(error)}"
         cancel = threading.Event()
         session = request.session_hash or ""
         running[session] = cancel
@@ -184,6 +268,14 @@ def wire_image_tab(tab: ImageTab, images: ImageService, after: Callable[[Any], N
                     seed=int(seed),
                     num_images=int(count),
                     scheduler=scheduler,
+                    init_image=picture,
+                    mask=mask,
+                    strength=float(strength) if picture is not None else None,
+                    mask_blur=int(mask_blur),
+                    resize_mode=resize_mode or "resize",
+                    hires_scale=float(hires_scale) if hires else None,
+                    hires_strength=float(hires_strength) if hires else None,
+                    hires_steps=int(hires_steps) if hires else None,
                 ),
                 progress=lambda step, total: progress((step, total), desc="Denoising", unit="steps"),
                 cancel=cancel,
@@ -206,27 +298,45 @@ def wire_image_tab(tab: ImageTab, images: ImageService, after: Callable[[Any], N
             return gr.skip(), gr.skip()
         return f"{prompt.rstrip()} <lora:{name}:1>".strip(), gr.update(value=None)
 
+    restored_fields = [*tab.parameters, tab.strength, tab.mask_blur, tab.hires, tab.hires_scale, tab.hires_strength,
+                       tab.hires_steps]  # fmt: skip
+
     def restore(path: str | None) -> list[Any]:
-        unchanged = [gr.skip()] * len(tab.parameters)
+        unchanged = [gr.skip()] * len(restored_fields)
         if not path:
             return [*unchanged, ""]
         try:
             found = read_png_parameters(path)
         except Exception as error:  # a PNG without settings: say so beside the drop zone, change nothing
             return [*unchanged, f"⚠️ {user_message(error)}"]
-        names = ["prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed", "num_images", "scheduler"]
+        found["hires"] = "hires_scale" in found
+        names = ["prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed", "num_images", "scheduler",
+                 "strength", "mask_blur", "hires", "hires_scale", "hires_strength", "hires_steps"]  # fmt: skip
         restored = [found[name] if name in found else gr.skip() for name in names]
-        return [*restored, sentence(f"restored {sum(name in found for name in names)} settings from the PNG.")]
+        count = sum(name in found for name in names) - 1
+        return [*restored, sentence(f"restored {count} settings from the PNG.")]
+
+    def remember(selected: gr.SelectData) -> str | None:
+        value = selected.value or {}
+        image = value.get("image") if isinstance(value, dict) else None
+        return image.get("path") if isinstance(image, dict) else None
+
+    def send_to_start(path: str | None) -> tuple[Any, str]:
+        if not path:
+            return gr.skip(), "⚠️ Click a picture in the gallery first; then send it."
+        return path, "The picture is in *Start from a picture*: paint over it to inpaint, or just generate."
 
     clicked = tab.generate.click(
         generate,
-        tab.parameters,
+        [*tab.parameters, *tab.picture_settings],
         [tab.gallery, tab.info],
         api_name="generate",
         concurrency_limit=MODEL_EVENT_CONCURRENCY,
     )
+    tab.gallery.select(remember, None, tab.selected, api_visibility="private", show_progress="hidden")
+    tab.send_to_start.click(send_to_start, tab.selected, [tab.start, tab.info], api_visibility="private")
     after(clicked)
     tab.cancel.click(cancel_generation, None, None, api_visibility="private", queue=False)
     tab.lora.change(add_lora, [tab.lora, tab.prompt], [tab.prompt, tab.lora], api_visibility="private")
-    tab.restore.upload(restore, tab.restore, [*tab.parameters, tab.restore_note], api_visibility="private")
+    tab.restore.upload(restore, tab.restore, [*restored_fields, tab.restore_note], api_visibility="private")
     watch_fields(tab.numbers, tab.field_problems)
