@@ -199,6 +199,7 @@ def run_describe(args: argparse.Namespace, services: Services, console: Console)
 
 def run_generate(args: argparse.Namespace, services: Services, console: Console) -> int:
     images = services.images
+    picture = images.read_picture(args.init_image) if args.init_image else None
     request = ImageRequest(
         prompt=args.prompt,
         negative_prompt=args.negative,
@@ -210,8 +211,10 @@ def run_generate(args: argparse.Namespace, services: Services, console: Console)
         num_images=args.num_images,
         scheduler=args.scheduler,
         loras=tuple(parse_lora_option(option) for option in args.lora),
-        init_image=images.read_picture(args.init_image) if args.init_image else None,
-        mask=images.read_mask(args.mask) if args.mask else None,
+        init_image=picture,
+        mask=(images.read_mask_for(picture, args.mask) if picture else images.read_mask(args.mask))
+        if args.mask
+        else None,
         strength=args.strength,
         resize_mode=args.resize,
         hires_scale=parse_scale(args.hires) if args.hires else None,

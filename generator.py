@@ -228,6 +228,19 @@ class ImageService:
         """An inpainting mask, white (or transparent) where to repaint."""
         return load_mask(source, max_pixels=self._settings.max_size**2, refuse_pixels=PICTURE_REFUSE_PIXELS)
 
+    def read_mask_for(self, picture: Image.Image, source: ImageSource) -> Image.Image:
+        """The mask for ``picture``: of the picture's size (both may have been scaled down alike on
+        reading); a mask of another size is refused, naming both."""
+        mask = self.read_mask(source)
+        if mask.size != picture.size:
+            if abs(mask.width / mask.height - picture.width / picture.height) > 0.01 or mask.width < picture.width:
+                raise BadInputError(
+                    f"the mask is {mask.width}x{mask.height} but the picture is {picture.width}x{picture.height}; "
+                    "make the mask the same size"
+                )
+            mask = mask.resize(picture.size)  # both were scaled down on reading, by a hair differently
+        return mask
+
     def read_transparent_area(self, source: ImageSource) -> Image.Image | None:
         """A picture's own transparent area as an inpainting mask; None when it is opaque."""
         return transparent_area(source, max_pixels=self._settings.max_size**2, refuse_pixels=PICTURE_REFUSE_PIXELS)

@@ -121,7 +121,7 @@ def openai_router(
         )  # fmt: skip
         base = image_request_of(body)
         start = await run_in_threadpool(images.read_picture, picture_bytes)
-        painted = await run_in_threadpool(images.read_mask, mask_bytes) if mask_bytes else None
+        painted = await run_in_threadpool(images.read_mask_for, start, mask_bytes) if mask_bytes else None
         if painted is None:  # the picture's own transparency, when it has some, marks the area
             painted = await run_in_threadpool(images.read_transparent_area, picture_bytes)
         edit = dataclasses.replace(base, init_image=start, mask=painted, strength=strength)

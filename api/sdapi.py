@@ -236,7 +236,7 @@ def sdapi_router(services: Services, server: ServerSettings) -> APIRouter:
         start = await run_in_threadpool(images.read_picture, picture_bytes(body.init_images[0]))
         mask = None
         if body.mask:
-            mask = await run_in_threadpool(images.read_mask, picture_bytes(body.mask))
+            mask = await run_in_threadpool(images.read_mask_for, start, picture_bytes(body.mask))
             if body.inpainting_mask_invert:
                 mask = ImageOps.invert(mask)
         image_request = request_of(

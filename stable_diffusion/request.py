@@ -107,6 +107,11 @@ def plan_request(request: ImageRequest, family: str, settings: ImageSettings) ->
     start = request.init_image
     if request.mask is not None and start is None:
         raise BadInputError("a mask needs the picture it belongs to: send the image to repaint with it")
+    if request.mask is not None and start is not None and request.mask.size != start.size:
+        (mask_w, mask_h), (width_w, height_h) = request.mask.size, start.size
+        raise BadInputError(
+            f"the mask is {mask_w}x{mask_h} but the picture is {width_w}x{height_h}; make the mask the same size"
+        )
     own = (start.width // 8 * 8, start.height // 8 * 8) if start is not None else (defaults.width, defaults.height)
     width = _check_size(settings, "width", _or(request.width, own[0]))
     height = _check_size(settings, "height", _or(request.height, own[1]))

@@ -740,6 +740,7 @@ def test_img2img_requests_are_checked_before_any_work(sd15: ImageService) -> Non
     cases = [
         (ImageRequest(prompt=PROMPT, mask=nothing), "a mask needs the picture"),
         (ImageRequest(prompt=PROMPT, init_image=a_picture(), mask=nothing), "marks nothing to repaint"),
+        (ImageRequest(prompt=PROMPT, init_image=a_picture(), mask=Image.new("L", (32, 32), 255)), "mask is 32x32 but"),
         (ImageRequest(prompt=PROMPT, init_image=a_picture(), strength=0), "denoising strength"),
         (ImageRequest(prompt=PROMPT, init_image=a_picture(), strength=1.5), "denoising strength"),
         (ImageRequest(prompt=PROMPT, init_image=a_picture(), resize_mode="zoom"), "resize mode"),

@@ -116,8 +116,15 @@ def test_img2img_and_inpainting_as_automatic1111_clients_send_them(running_app: 
     painted = post(running_app, "img2img", {**body, "mask": f"data:image/png;base64,{png_b64(mask)}", "mask_blur": 2})
     assert painted.status_code == 200, painted.text
     assert "Mask blur: 2" in Image.open(io.BytesIO(base64.b64decode(painted.json()["images"][0]))).info["parameters"]
-    for bad, words in (({"init_images": []}, "one picture"), ({"init_images": ["%%%"]}, "base64"),
-                       ({"resize_mode": 3}, "resize mode")):  # fmt: skip
+    small_mask = png_b64(Image.new("L", (32, 32), 255))
+    cases = [
+        ({"init_images": []}, "one picture"),
+        ({"init_images": ["%%%"]}, "base64"),
+        ({"resize_mode": 3}, "resize mode"),
+        ({"mask": small_mask}, "mask is 32x32 but the picture is 96x64"),
+        ({"denoising_strength": 1.5}, "Denoising strength must be above 0"),
+    ]
+    for bad, words in cases:
         refused = post(running_app, "img2img", {**body, **bad})
         assert refused.status_code == 400 and words in refused.json()["detail"], refused.text
 
