@@ -20,7 +20,7 @@ from errors import AppError, BadInputError
 from generator import ImageRequest
 from media.audio import CONTENT_TYPES, encode_speech, fix_wav_sizes
 from media.subtitles import to_srt, to_vtt
-from services import Services
+from services import Services, size_on_disk
 from text_generation.stream import TextStream
 
 EXIT_ERROR = 1
@@ -368,7 +368,7 @@ def run_models(args: argparse.Namespace, services: Services, console: Console) -
                 "name": entry.name,
                 "capability": entry.capability,
                 "present": entry.present,
-                "size_bytes": _size_on_disk(path) if entry.present else None,
+                "size_bytes": size_on_disk(path) if entry.present else None,
                 "path": entry.path,
             }
         )
@@ -464,9 +464,3 @@ class BytesBar(ProgressBar):
             f"\r[{'#' * filled}{'.' * (self._width - filled)}] {done / 2**30:.2f}/{total / 2**30:.2f} GiB"
         )
         self._stream.flush()
-
-
-def _size_on_disk(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size if path.exists() else 0

@@ -515,9 +515,10 @@ class ImageService:
         elif plan.init_image is not None:  # img2img takes its size from the (fitted) picture
             pipe = _pipeline_like(loaded.pipe, "image2image")
             start = {"image": plan.init_image, "strength": plan.strength}
+        prompts = self._prompt_arguments(loaded, plan)  # encoded once, for both passes of a hires fix
         try:
             output = pipe(
-                **self._prompt_arguments(loaded, plan),
+                **prompts,
                 **start,
                 num_inference_steps=plan.steps,
                 guidance_scale=plan.guidance,
@@ -530,7 +531,7 @@ class ImageService:
                 passed[0] = done + plan.first_pass_steps
                 upscaled = image.resize((plan.hires_width, plan.hires_height), Image.Resampling.LANCZOS)
                 image = _pipeline_like(loaded.pipe, "image2image")(
-                    **self._prompt_arguments(loaded, plan),
+                    **prompts,
                     image=upscaled,
                     strength=plan.hires_strength,
                     num_inference_steps=plan.hires_steps,

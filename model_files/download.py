@@ -8,10 +8,11 @@ This is the only code in the app that uses the network, and only when a user run
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -94,7 +95,20 @@ def chosen_sources(names: list[str], profile: str, loras: list[str]) -> list[Sou
 
 def download(folder: Path, sources: list[Source], say: Say, endpoint: str | None = None) -> dict[str, Any]:
     """Fetch ``sources`` into ``folder`` and update its manifest. Raises BadInputError(OFFLINE) without network."""
-    hub = _online_hub()
+    with _online_hub() as hub:
+        fetched = _fetch(hub, folder, sources, say, endpoint)
+    say("writing the manifest (SHA-256 of every file) …")
+    try:
+        earlier = {name: (e.get("source"), e.get("revision")) for name, e in read_manifest(folder)["files"].items()}
+    except BadInputError:
+        earlier = {}
+    manifest = build_manifest(folder, {**earlier, **fetched})  # type: ignore[arg-type]
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def _fetch(hub: Any, folder: Path, sources: list[Source], say: Say, endpoint: str | None) -> dict[str, tuple[str, str]]:
+    """Each source's files into place; returns {file: (repository, revision)}."""
     api = hub.HfApi(endpoint=endpoint)
     folder.mkdir(parents=True, exist_ok=True)
     fetched: dict[str, tuple[str, str]] = {}
@@ -123,24 +137,27 @@ def download(folder: Path, sources: list[Source], say: Say, endpoint: str | None
             os.replace(local, target / name)
             fetched[(target / name).relative_to(folder).as_posix()] = (source.repo, str(info.sha))
         shutil.rmtree(target / ".download", ignore_errors=True)
-    say("writing the manifest (SHA-256 of every file) …")
-    try:
-        earlier = {name: (e.get("source"), e.get("revision")) for name, e in read_manifest(folder)["files"].items()}
-    except BadInputError:
-        earlier = {}
-    manifest = build_manifest(folder, {**earlier, **fetched})  # type: ignore[arg-type]
-    write_manifest(folder, manifest)
-    return manifest
+    return fetched
 
 
-def _online_hub() -> Any:
-    """huggingface_hub with the network allowed for this command (the app itself runs offline)."""
+@contextlib.contextmanager
+def _online_hub() -> Iterator[Any]:
+    """huggingface_hub with the network allowed while the download runs; offline again after it, so
+    nothing else in the process (the app runs offline) ever reaches out."""
     import huggingface_hub
     from huggingface_hub import constants
 
+    before_flag, before_env = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
     constants.HF_HUB_OFFLINE = False
     os.environ["HF_HUB_OFFLINE"] = "0"
-    return huggingface_hub
+    try:
+        yield huggingface_hub
+    finally:
+        constants.HF_HUB_OFFLINE = before_flag
+        if before_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before_env
 
 
 def _failure(hub: Any, error: Exception, source: Source) -> BadInputError:

@@ -114,3 +114,15 @@ def test_without_network_download_says_so_in_one_line_and_exits_non_zero(tmp_pat
         "error: no network: 'models download' runs on a connected machine; carry the models here with "
         "'main.py models pack' and 'main.py models unpack' (see README)"
     ]
+
+
+def test_the_process_is_offline_again_after_a_download(hub, tmp_path: Path) -> None:
+    from huggingface_hub import constants
+
+    _, url = hub
+    assert constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
+    download(tmp_path, [CHAT], lambda line: None, endpoint=url)
+    assert constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1", "the rest of the app stays offline"
+    with pytest.raises(BadInputError):
+        download(tmp_path, [Source("x", "someone/absent", ("*",))], lambda line: None, endpoint=url)
+    assert constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
