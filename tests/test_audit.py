@@ -4,6 +4,7 @@ server; prompts only when asked for, never a key; rotated by size."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,9 +67,13 @@ def test_no_secret_and_no_prompt_is_written_by_default(audited: tuple[RunningApp
     app, log = audited
     chat(app, KEY)
     httpx.post(f"{app.url}/login", data={"username": "me", "password": KEY}, timeout=60)
+    # A call's line is written once its response has gone out: give the server a moment to write it.
+    deadline = time.monotonic() + 10
+    while not any(line["endpoint"] == "/login" for line in audit_lines(log)):
+        assert time.monotonic() < deadline, "the login was not written to the audit log"
+        time.sleep(0.1)
     text = log.read_text(encoding="utf-8")
     assert KEY not in text and "quokka" not in text
-    assert any(line["endpoint"] == "/login" for line in audit_lines(log))
     assert all("prompt" not in line for line in audit_lines(log))
 
 
