@@ -145,7 +145,9 @@ def _pipeline_like(pipe: Any, task: str) -> Any:
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
     kind = AutoPipelineForInpainting if task == "inpainting" else AutoPipelineForImage2Image
-    return kind.from_pipe(pipe)
+    derived = kind.from_pipe(pipe)
+    derived.set_progress_bar_config(disable=True)  # progress goes to the caller's callback
+    return derived
 
 
 class ImageService:

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tin
 import offline  # noqa: F401, I001 - keep libraries offline
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -159,8 +160,72 @@ def bench(service: ImageService, manager: ModelManager, args: argparse.Namespace
     best = min(times["generator.py"]) / min(times["diffusers"])
     print(f"overhead (target <= 2%): median {100 * (ours_s / raw_s - 1):+.2f}%, fastest run {100 * (best - 1):+.2f}%")
     print(f"same pixels from both: {'yes' if same else 'NO'}")
+    workflows(service, pipe, args, size, steps, guidance)
     if tiny or service.device == "cpu":
         print("note: absolute times only count on a GPU with real weights; the tiny model measures overhead only")
+
+
+def workflows(
+    service: ImageService, pipe: Any, args: argparse.Namespace, size: int, steps: int, guidance: float
+) -> None:
+    """img2img, inpainting and the hires fix: generator.py against diffusers' own pipelines built with
+    from_pipe on the same weights, doing the same work at the same seed."""
+    import torch
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+    from PIL import Image
+
+    start = service.generate(ImageRequest(PROMPT, steps=steps, guidance=guidance, seed=7), save=False).images[0].image
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (0, 0, size // 2, size))
+    image2image, inpainting = AutoPipelineForImage2Image.from_pipe(pipe), AutoPipelineForInpainting.from_pipe(pipe)
+    for derived in (image2image, inpainting):
+        derived.set_progress_bar_config(disable=True)
+    common = {"prompt": PROMPT, "num_inference_steps": steps, "guidance_scale": guidance, "output_type": "pil"}
+
+    def seeded() -> Any:
+        return torch.Generator("cpu").manual_seed(1)
+
+    def plain_hires() -> Any:
+        first = pipe(width=size, height=size, generator=seeded(), **common).images[0]
+        bigger = first.resize((size * 2, size * 2), Image.Resampling.LANCZOS)
+        return image2image(image=bigger, strength=0.5, generator=seeded(), **common).images[0]
+
+    base = ImageRequest(PROMPT, steps=steps, guidance=guidance, seed=1)
+    cases: dict[str, tuple[Callable[[], Any], ImageRequest]] = {
+        "img2img 0.6": (
+            lambda: image2image(image=start, strength=0.6, generator=seeded(), **common).images[0],
+            ImageRequest(PROMPT, steps=steps, guidance=guidance, seed=1, init_image=start, strength=0.6),
+        ),
+        "inpainting": (
+            lambda: inpainting(
+                image=start, mask_image=mask, strength=1.0, width=size, height=size, generator=seeded(), **common
+            ).images[0],
+            ImageRequest(
+                PROMPT, steps=steps, guidance=guidance, seed=1, init_image=start, mask=mask, strength=1.0, mask_blur=0
+            ),
+        ),
+        "hires fix 2x": (plain_hires, dataclasses.replace(base, hires_scale=2, hires_strength=0.5)),
+    }
+    print(f"{'':18}{'diffusers':>12}{'generator.py':>14}{'ratio':>9}  same pixels")
+    for name, (plain, request) in cases.items():
+        sides: dict[str, Callable[[], Any]] = {
+            "diffusers": plain,
+            "generator.py": lambda request=request: service.generate(request, save=False).images[0].image,
+        }
+        times: dict[str, list[float]] = {side: [] for side in sides}
+        last: dict[str, Any] = {}
+        for run in sides.values():
+            run()  # warm
+        for index in range(max(3, args.runs // 2)):
+            order = list(sides.items())
+            if index % 2:
+                order.reverse()
+            for side, run in order:
+                seconds, last[side] = timed(run)
+                times[side].append(seconds)
+        raw, ours = statistics.median(times["diffusers"]), statistics.median(times["generator.py"])
+        same = np.array_equal(np.asarray(last["diffusers"]), np.asarray(last["generator.py"]))
+        print(f"{name + ' (s)':18}{raw:12.4f}{ours:14.4f}{ours / raw:9.3f}  {'yes' if same else 'NO'}")
 
 
 if __name__ == "__main__":
