@@ -29,6 +29,7 @@ from webui.common import (
     for_user_only,
     hint_bubble,
     plain_history,
+    session_switch,
     stream_into,
     text_of,
     without_errors,
@@ -206,13 +207,10 @@ class ChatHandlers:
         if isinstance(sampling, str):  # refused as typed, in the conversation: the message stays in the box
             yield gr.skip(), [*history, error_bubble(sampling)], conversation
             return
-        with self._switch(request) as cancel:
+        with session_switch(self.running, request) as cancel:
             yield from self._answer(message, text, attached, history, system_prompt, sampling, cancel, progress, (
                 conversation, owner
             ))  # fmt: skip
-
-    def _switch(self, request: gr.Request) -> Any:
-        return _Switch(self.running, request.session_hash or "")
 
     def _answer(
         self,
@@ -373,7 +371,7 @@ class ChatHandlers:
         reply = text_of(history[index]["content"]).removesuffix(STOPPED_MARK).rstrip().removesuffix("…").rstrip()
         shown = [*history[:index], {**history[index], "content": reply}]
         params = self.chat.defaults.override(**sampling)
-        with self._switch(request) as cancel:
+        with session_switch(self.running, request) as cancel:
             try:
                 stream = self.chat.stream(
                     plain_history(shown), params, system_prompt=system_prompt, cancel=cancel, continuing=True
@@ -395,22 +393,6 @@ class ChatHandlers:
         switch = self.running.get(request.session_hash or "")
         if switch is not None:
             switch.set()  # reaches the model manager's queue and the generation; the reply gets its mark
-
-
-class _Switch:
-    """The session's Stop switch while a reply runs; removed when the reply ends."""
-
-    def __init__(self, running: dict[str, threading.Event], session: str) -> None:
-        self._running, self._session = running, session
-        self._event = threading.Event()
-
-    def __enter__(self) -> threading.Event:
-        self._running[self._session] = self._event
-        return self._event
-
-    def __exit__(self, *exc: object) -> None:
-        if self._running.get(self._session) is self._event:
-            del self._running[self._session]
 
 
 def wire_chat_tab(

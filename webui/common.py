@@ -3,7 +3,9 @@ turning errors into messages, and the status panel's text."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -55,6 +57,18 @@ def plain_history(history: History | None) -> list[Message]:
                 text = text.removesuffix(STOPPED_MARK).rstrip()
             turns.append({"role": message["role"], "content": text})
     return turns
+
+
+@contextlib.contextmanager
+def session_switch(switches: dict[str, threading.Event], request: gr.Request) -> Iterator[threading.Event]:
+    """The browser session's Stop switch while its work runs (Stop sets it); removed when the work ends."""
+    session = request.session_hash or ""
+    switch = switches[session] = threading.Event()
+    try:
+        yield switch
+    finally:
+        if switches.get(session) is switch:
+            del switches[session]
 
 
 def sentence(text: str) -> str:

@@ -13,7 +13,7 @@ from generator import ImageRequest, ImageService
 from settings import ImageSettings
 from stable_diffusion.metadata import read_png_parameters
 from stable_diffusion.request import SAMPLER_NAMES
-from webui.common import MODEL_EVENT_CONCURRENCY, sentence, user_message
+from webui.common import MODEL_EVENT_CONCURRENCY, sentence, session_switch, user_message
 from webui.fields import Bounds, number_field, problems, problems_text, watch_fields
 
 
@@ -253,38 +253,33 @@ def wire_image_tab(tab: ImageTab, images: ImageService, after: Callable[[Any], N
             picture, mask = start_and_mask(images, start)
         except Exception as error:  # a picture that cannot be used: said beside the gallery
             return gr.skip(), f"⚠️ {user_message(error)}"
-        cancel = threading.Event()
-        session = request.session_hash or ""
-        running[session] = cancel
-        try:
-            result = images.generate(
-                ImageRequest(
-                    prompt=prompt,
-                    negative_prompt=negative,
-                    width=int(width),
-                    height=int(height),
-                    steps=int(steps),
-                    guidance=float(guidance),
-                    seed=int(seed),
-                    num_images=int(count),
-                    scheduler=scheduler,
-                    init_image=picture,
-                    mask=mask,
-                    strength=float(strength) if picture is not None else None,
-                    mask_blur=int(mask_blur),
-                    resize_mode=resize_mode or "resize",
-                    hires_scale=float(hires_scale) if hires else None,
-                    hires_strength=float(hires_strength) if hires else None,
-                    hires_steps=int(hires_steps) if hires else None,
-                ),
-                progress=lambda step, total: progress((step, total), desc="Denoising", unit="steps"),
-                cancel=cancel,
-            )
-        except Exception as error:  # shown beside the gallery; the settings stay as they are
-            return gr.skip(), f"⚠️ {user_message(error)}"
-        finally:
-            if running.get(session) is cancel:
-                del running[session]
+        with session_switch(running, request) as cancel:
+            try:
+                result = images.generate(
+                    ImageRequest(
+                        prompt=prompt,
+                        negative_prompt=negative,
+                        width=int(width),
+                        height=int(height),
+                        steps=int(steps),
+                        guidance=float(guidance),
+                        seed=int(seed),
+                        num_images=int(count),
+                        scheduler=scheduler,
+                        init_image=picture,
+                        mask=mask,
+                        strength=float(strength) if picture is not None else None,
+                        mask_blur=int(mask_blur),
+                        resize_mode=resize_mode or "resize",
+                        hires_scale=float(hires_scale) if hires else None,
+                        hires_strength=float(hires_strength) if hires else None,
+                        hires_steps=int(hires_steps) if hires else None,
+                    ),
+                    progress=lambda step, total: progress((step, total), desc="Denoising", unit="steps"),
+                    cancel=cancel,
+                )
+            except Exception as error:  # shown beside the gallery; the settings stay as they are
+                return gr.skip(), f"⚠️ {user_message(error)}"
         gallery = [(item.image, f"seed {item.seed}") for item in result.images]
         return gallery, describe_result(result)
 

@@ -16,6 +16,7 @@ from webui.common import (
     error_bubble,
     hint_bubble,
     plain_history,
+    session_switch,
     stream_reply,
     without_errors,
 )
@@ -87,18 +88,13 @@ def make_vision_handler(
             return
         asked = question.strip() or default_question
         earlier = plain_history(history)
-        session = request.session_hash or ""
-        cancel = running[session] = threading.Event()
-        try:
+        with session_switch(running, request) as cancel:
             try:
                 stream = vision.stream(image_path, [*earlier, {"role": "user", "content": asked}], cancel=cancel)
             except Exception as error:  # the question stays in the box; the message goes where the answer would
                 yield gr.skip(), [*history, error_bubble(error)]
                 return
             yield from stream_reply(stream, history, question, shown_question=asked)
-        finally:
-            if running.get(session) is cancel:
-                del running[session]
 
     return answer
 

@@ -18,7 +18,7 @@ from media.audio import WHISPER_RATE, DecodedAudio, resample_pcm
 from speech_to_text import TranscriptionService, speech_segments
 from text_to_speech import SpeechService
 from webui.chat_tab import STOPPED_MARK, ChatHandlers, ChatTab, Update, last_reply_index
-from webui.common import MODEL_EVENT_CONCURRENCY, History, error_bubble, text_of, without_errors
+from webui.common import MODEL_EVENT_CONCURRENCY, History, error_bubble, session_switch, text_of, without_errors
 
 MARKDOWN_MARKS = re.compile(r"[*_`#>|~]+")
 LISTEN_EVERY_S = 0.5  # the hands-free microphone's pieces
@@ -223,15 +223,10 @@ class VoiceHandlers:
         text = spoken_text(text_of(history[index].get("content")))[: self.speaker.max_chars]
         if not text:
             return
-        session = request.session_hash or ""
-        cancel = self.speaking[session] = threading.Event()
-        try:
+        with session_switch(self.speaking, request) as cancel:
             stream = self.speaker.speak(text, cancel=cancel)
             for chunk in stream:
                 yield stream.sample_rate, np.frombuffer(chunk, dtype=np.int16)
-        finally:
-            if self.speaking.get(session) is cancel:
-                del self.speaking[session]
 
 
 def wire_voice_controls(
