@@ -371,12 +371,13 @@ def fake_microphone(playwright, app: RunningApp, recording: Path) -> Page:
     return page
 
 
-def espeak(tmp_path: Path, sentence: str, silence_after_s: float = 0) -> Path:
+def espeak(tmp_path: Path, sentence: str, silence_after_s: float = 0, silence_before_s: float = 0) -> Path:
     import subprocess
 
     spoken, padded = tmp_path / "spoken.wav", tmp_path / "padded.wav"
     subprocess.run(["espeak-ng", "-v", "en-us", "-s", "130", "-w", str(spoken), sentence], check=True)
-    subprocess.run(["sox", str(spoken), str(padded), "pad", "0", str(silence_after_s)], check=True)
+    pad = ["pad", str(silence_before_s), str(silence_after_s)]
+    subprocess.run(["sox", str(spoken), str(padded), *pad], check=True)
     return padded
 
 
@@ -422,12 +423,18 @@ def test_a_spoken_drawing_request_reaches_the_image_generator(running_app: Runni
 def test_hands_free_turns_end_on_a_pause_and_talking_over_an_answer_stops_it(
     running_app: RunningApp, playwright, tmp_path
 ) -> None:
-    # The fake microphone says the sentence, then is silent for 8 s, then says it again: the pause
-    # ends the first turn, and the repetition talks over the (endless) answer to it.
-    page = fake_microphone(playwright, running_app, espeak(tmp_path, "Repeat after me forever: la la la la.", 8))
+    # The fake microphone is silent for 3 s (the browser drops what it hears before the server has
+    # taken the stream, which is what the status line is for), says the sentence, then is silent
+    # for 8 s and says it again: the pause ends the first turn, and the repetition talks over the
+    # (endless) answer to it.
+    recording = espeak(tmp_path, "Repeat after me forever: la la la la.", silence_after_s=8, silence_before_s=3)
+    page = fake_microphone(playwright, running_app, recording)
     set_parameters(page, max_tokens="1500", temperature="0", repeat="1")
     page.get_by_text("Hands-free voice mode").click()
+    status = page.locator("#chat-hands-free-status")
+    expect(status).to_contain_text("start speaking when this says Listening")
     page.locator("#chat-hands-free").get_by_role("button", name="Record", exact=True).click()
+    expect(status).to_contain_text("Listening: speak now", timeout=30_000)
     expect(page.locator("#chatbot .user.message").first).to_contain_text("Repeat after me", timeout=60_000)
     first_answer = page.locator("#chatbot .bot-row").first
     expect(first_answer).to_contain_text("→ chat model", timeout=60_000)
@@ -436,6 +443,8 @@ def test_hands_free_turns_end_on_a_pause_and_talking_over_an_answer_stops_it(
     stopped = first_answer.inner_text()
     assert len(stopped.split()) < 1000, "the answer was cut long before its 1500 tokens"
     shot(page, "hands-free.png")
+    page.locator("#chat-hands-free").get_by_role("button", name="Stop", exact=True).click()
+    expect(status).to_contain_text("start speaking when this says Listening", timeout=30_000)
     page.context.browser.close()
 
 

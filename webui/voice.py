@@ -25,6 +25,11 @@ LISTEN_EVERY_S = 0.5  # the hands-free microphone's pieces
 TURN_SILENCE_MS = 800  # a pause this long ends a hands-free turn
 PRE_ROLL_SECONDS = 0.5  # kept from before speech starts
 MAX_TURN_SECONDS = 60
+# The browser drops what the microphone hears before the server has taken the stream, so the user is
+# told when it has: words said before "Listening" are not heard.
+NOT_LISTENING = "Press *Record* and start speaking when this says **Listening**."
+LISTENING = "🎙️ **Listening**: speak now. A pause ends your turn."
+HEARING = "🎙️ **Hearing you** …"
 
 
 def as_pcm16(samples: np.ndarray) -> bytes:
@@ -41,6 +46,7 @@ class VoiceControls:
     speak_replies: gr.Checkbox
     reply_audio: gr.Audio
     hands_free: gr.Audio  # streams the microphone while it records
+    hands_free_status: gr.Markdown  # says when the stream is live, so the first words are not lost
     listening: gr.State  # this session's Listening
     turns: gr.Number  # counts finished utterances: its change starts a turn
 
@@ -54,6 +60,7 @@ class Listening:
     speaking: bool = False
     utterance: DecodedAudio | None = None  # the last finished turn, waiting to be answered
     turns: int = 0
+    live: bool = False  # the server has taken this recording's stream
 
     def heard(self) -> DecodedAudio:
         """Everything so far at 16 kHz (resampled as one piece: no seams every 100 ms)."""
@@ -103,6 +110,7 @@ def build_voice_controls(transcriber: TranscriptionService, speaker: SpeechServi
             "and talking over it stops it. Stop recording to leave the mode.",
             elem_classes=["hint"],
         )
+        hands_free_status = gr.Markdown(NOT_LISTENING, elem_id="chat-hands-free-status")
         hands_free = gr.Audio(
             sources=["microphone"],
             streaming=True,
@@ -113,7 +121,7 @@ def build_voice_controls(transcriber: TranscriptionService, speaker: SpeechServi
         )
     listening = gr.State(Listening())
     turns = gr.Number(0, visible=False)
-    return VoiceControls(microphone, speak_replies, reply_audio, hands_free, listening, turns)
+    return VoiceControls(microphone, speak_replies, reply_audio, hands_free, hands_free_status, listening, turns)
 
 
 def spoken_text(markdown: str) -> str:
@@ -129,32 +137,43 @@ class VoiceHandlers:
     chat: ChatHandlers
     speaking: dict[str, threading.Event] = field(default_factory=dict)  # a session's reply being spoken
 
-    def listen(self, chunk: Any, listening: Listening, request: gr.Request) -> tuple[Listening, Any, Any]:
-        """One piece of the hands-free stream: find where speech starts (barge-in) and ends (a turn)."""
+    def listen(self, chunk: Any, listening: Listening, request: gr.Request) -> tuple[Listening, Any, Any, Any]:
+        """One piece of the hands-free stream: find where speech starts (barge-in) and ends (a turn).
+
+        Returns the session's state, the turn counter, the reply player and the status line."""
         if chunk is None:
-            return listening, gr.skip(), gr.skip()
+            return listening, gr.skip(), gr.skip(), gr.skip()
         rate, samples = chunk
-        if rate != listening.rate:  # a new microphone: start over
-            listening.pcm, listening.rate = bytearray(), int(rate)
+        status: Any = gr.skip()
+        if rate != listening.rate or not listening.live:  # a new recording: start over
+            listening.pcm, listening.rate, listening.speaking, listening.live = bytearray(), int(rate), False, True
+            status = LISTENING
         listening.pcm += as_pcm16(samples)
         heard = listening.heard()
         segments = speech_segments(heard, {"silence_duration_ms": TURN_SILENCE_MS})
         if not segments:  # keep a little before speech starts, not minutes of silence
             listening.keep_last(PRE_ROLL_SECONDS)
-            return listening, gr.skip(), gr.skip()
+            return listening, gr.skip(), gr.skip(), status
         stop_playback: Any = gr.skip()
         if not listening.speaking:
             listening.speaking = True
             stop_playback = self.barge_in(request.session_hash or "")
+            status = HEARING
         silence = (heard.samples.size - segments[-1]["end"]) / WHISPER_RATE
         too_long = heard.samples.size > MAX_TURN_SECONDS * WHISPER_RATE
         if silence * 1000 < TURN_SILENCE_MS and not too_long:
-            return listening, gr.skip(), stop_playback
+            return listening, gr.skip(), stop_playback, status
         spoken = heard.samples[max(0, segments[0]["start"] - int(PRE_ROLL_SECONDS * WHISPER_RATE)) :]
         listening.utterance = DecodedAudio(spoken, spoken.size / WHISPER_RATE, False)
         listening.pcm, listening.speaking = bytearray(), False
         listening.turns += 1
-        return listening, listening.turns, stop_playback
+        return listening, listening.turns, stop_playback, LISTENING
+
+    @staticmethod
+    def stop_listening(listening: Listening) -> tuple[Listening, str]:
+        """Recording stopped: the next Record starts a fresh stream (and a fresh status)."""
+        listening.live, listening.speaking, listening.pcm = False, False, bytearray()
+        return listening, NOT_LISTENING
 
     def barge_in(self, session: str) -> Any:
         """The user talks over an answer: stop writing it and stop speaking it."""
@@ -252,12 +271,19 @@ def wire_voice_controls(
     voice.hands_free.stream(
         handlers.listen,
         [voice.hands_free, voice.listening],
-        [voice.listening, voice.turns, voice.reply_audio],
+        [voice.listening, voice.turns, voice.reply_audio, voice.hands_free_status],
         stream_every=LISTEN_EVERY_S,
         time_limit=None,
         api_visibility="private",
         show_progress="hidden",
         concurrency_limit=MODEL_EVENT_CONCURRENCY,
+    )
+    voice.hands_free.stop_recording(
+        handlers.stop_listening,
+        voice.listening,
+        [voice.listening, voice.hands_free_status],
+        api_visibility="private",
+        show_progress="hidden",
     )
     turn_inputs = [voice.listening, *inputs[1:]]
     events.append(voice.turns.change(handlers.hands_free_turn, turn_inputs, outputs, **private))
