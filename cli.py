@@ -21,6 +21,7 @@ from generator import ImageRequest
 from media.audio import CONTENT_TYPES, encode_speech, fix_wav_sizes
 from media.subtitles import to_srt, to_vtt
 from services import Services, size_on_disk
+from stable_diffusion.request import HIRES_UPSCALERS
 from text_generation.stream import TextStream
 
 EXIT_ERROR = 1
@@ -79,9 +80,18 @@ def build_parser(default_config: Path) -> argparse.ArgumentParser:
     generate.add_argument("--strength", type=float, help="img2img denoising strength, above 0 to 1 (default 0.75)")
     generate.add_argument("--mask", type=Path, help="inpainting: white (or transparent) marks what to repaint")
     generate.add_argument("--resize", choices=["resize", "crop"], default="resize", help="how the picture fits")
+    generate.add_argument(
+        "--only-masked",
+        type=int,
+        metavar="PADDING",
+        help="inpainting: redraw only the masked area (enlarged, for detail) with PADDING pixels around it",
+    )
     generate.add_argument("--hires", help="hires fix: upscale by this much and redraw, e.g. 2x or 1.5")
     generate.add_argument("--hires-strength", type=float, help="the hires pass's denoising strength (default 0.5)")
     generate.add_argument("--hires-steps", type=int, help="the hires pass's steps (default: --steps)")
+    generate.add_argument(
+        "--upscaler", choices=list(HIRES_UPSCALERS), help="the hires fix's upscaler (default Lanczos)"
+    )
     generate.add_argument("--json", action="store_true", help="print one JSON object describing the images")
 
     transcribe = commands.add_parser("transcribe", help="speech to text: a recording's words on stdout")
@@ -217,6 +227,9 @@ def run_generate(args: argparse.Namespace, services: Services, console: Console)
         else None,
         strength=args.strength,
         resize_mode=args.resize,
+        inpaint_area="whole" if args.only_masked is None else "only_masked",
+        inpaint_padding=args.only_masked,
+        hires_upscaler=args.upscaler,
         hires_scale=parse_scale(args.hires) if args.hires else None,
         hires_strength=args.hires_strength,
         hires_steps=args.hires_steps,

@@ -49,7 +49,7 @@ from stable_diffusion.pipeline import LoadedImageModel, load_image_pipeline, mak
 from stable_diffusion.prompt_weights import check_weights, needs_encoding, plain_text
 from stable_diffusion.prompt_weights import encode as encode_prompts
 from stable_diffusion.prompt_weights import parse as parse_prompt
-from stable_diffusion.request import ImageRequest, Plan, plan_request
+from stable_diffusion.request import HIRES_UPSCALERS, ImageRequest, Plan, plan_request
 
 # The service's own names, and those that tests reach through this module (``generator.model_hash``).
 __all__ = [
@@ -148,6 +148,17 @@ def _pipeline_like(pipe: Any, task: str) -> Any:
     derived = kind.from_pipe(pipe)
     derived.set_progress_bar_config(disable=True)  # progress goes to the caller's callback
     return derived
+
+
+def _upscaled(first: Any, plan: Plan, mode: str) -> Any:
+    """The first pass at the hires size: latents interpolated by torch, or the picture resampled."""
+    if isinstance(first, Image.Image):
+        resample = Image.Resampling.LANCZOS if mode == "lanczos" else Image.Resampling.NEAREST
+        return first.resize((plan.hires_width, plan.hires_height), resample)
+    import torch
+
+    size = (plan.hires_height // 8, plan.hires_width // 8)  # latents are an eighth of the picture
+    return torch.nn.functional.interpolate(first, size=size, mode=mode)
 
 
 class ImageService:
@@ -514,9 +525,12 @@ class ImageService:
         if plan.mask is not None:  # the loaded components in an inpainting pipeline: no second copy
             pipe = _pipeline_like(loaded.pipe, "inpainting")
             start |= {"image": plan.init_image, "mask_image": plan.mask, "strength": plan.strength}
+            if plan.inpaint_padding is not None:  # only the mask's area, enlarged to the full size
+                start["padding_mask_crop"] = plan.inpaint_padding
         elif plan.init_image is not None:  # img2img takes its size from the (fitted) picture
             pipe = _pipeline_like(loaded.pipe, "image2image")
             start = {"image": plan.init_image, "strength": plan.strength}
+        upscaler, mode = HIRES_UPSCALERS[plan.hires_upscaler] if plan.hires_scale > 1 else ("", "")
         prompts = self._prompt_arguments(loaded, plan)  # encoded once, for both passes of a hires fix
         try:
             output = pipe(
@@ -526,15 +540,18 @@ class ImageService:
                 guidance_scale=plan.guidance,
                 generator=generator,
                 callback_on_step_end=on_step_end,
-                output_type="pil",
+                output_type="latent" if upscaler == "latent" else "pil",
             )
             image = output.images[0]
+            if plan.mask is not None and plan.inpaint_padding is None and upscaler != "latent":
+                # What the mask keeps stays the picture's own pixels, not their trip through the VAE
+                # (diffusers does this itself when it crops to the mask).
+                image = pipe.image_processor.apply_overlay(plan.mask, plan.init_image, image)
             if plan.hires_scale > 1:  # hires fix: upscale, then redraw the details at the larger size
                 passed[0] = done + plan.first_pass_steps
-                upscaled = image.resize((plan.hires_width, plan.hires_height), Image.Resampling.LANCZOS)
                 image = _pipeline_like(loaded.pipe, "image2image")(
                     **prompts,
-                    image=upscaled,
+                    image=_upscaled(output.images[:1] if upscaler == "latent" else image, plan, mode),
                     strength=plan.hires_strength,
                     num_inference_steps=plan.hires_steps,
                     guidance_scale=plan.guidance,

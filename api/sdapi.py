@@ -29,7 +29,7 @@ from errors import AppError, BadInputError, BusyError, ModelMissingError, ModelT
 from generator import ImageRequest
 from services import Services
 from settings import ServerSettings
-from stable_diffusion.request import SAMPLER_NAMES
+from stable_diffusion.request import DEFAULT_HIRES_UPSCALER, HIRES_UPSCALERS, SAMPLER_NAMES
 
 # AUTOMATIC1111's sampler names (and its older aliases) for the schedulers this app has.
 A1111_SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -86,6 +86,8 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask_blur: int | None = None
     resize_mode: int = 0  # 0 just resize, 1 crop and resize
     inpainting_mask_invert: int = 0
+    inpaint_full_res: bool = True  # A1111's default: redraw only the masked area ("Only masked")
+    inpaint_full_res_padding: int = 0
 
 
 def picture_bytes(value: str) -> bytes | str:
@@ -155,8 +157,14 @@ def sdapi_router(services: Services, server: ServerSettings) -> APIRouter:
         return path.name if path is not None else name
 
     def request_of(body: Txt2ImgRequest, **start: Any) -> ImageRequest:
-        if body.enable_hr:  # any upscaler name is taken: the image is upscaled with Lanczos, then redrawn
+        if body.enable_hr:
+            upscaler = body.hr_upscaler or DEFAULT_HIRES_UPSCALER
+            if upscaler not in HIRES_UPSCALERS:  # A1111 refuses an upscaler it does not have, too
+                raise BadInputError(
+                    f"unknown upscaler '{echo(upscaler)}' (hr_upscaler); this server has: {', '.join(HIRES_UPSCALERS)}"
+                )
             start |= {
+                "hires_upscaler": upscaler,
                 "hires_scale": body.hr_scale,
                 "hires_strength": body.denoising_strength if not start else body.hr_denoising_strength,
                 "hires_steps": body.hr_second_pass_steps or None,
@@ -245,6 +253,8 @@ def sdapi_router(services: Services, server: ServerSettings) -> APIRouter:
             mask=mask,
             strength=body.denoising_strength,
             mask_blur=body.mask_blur,
+            inpaint_area="only_masked" if body.inpaint_full_res else "whole",
+            inpaint_padding=body.inpaint_full_res_padding,
             resize_mode="crop" if body.resize_mode == 1 else "resize",
         )
         return await run_job(body, image_request, request, "img2img")
@@ -287,6 +297,18 @@ def sdapi_router(services: Services, server: ServerSettings) -> APIRouter:
         return [
             {"name": name, "alias": name, "path": f"{name}.safetensors", "metadata": {}} for name in images.list_loras()
         ]
+
+    @router.get("/upscalers")
+    async def upscalers() -> list[dict[str, Any]]:
+        return [
+            {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+            for name, (kind, _) in HIRES_UPSCALERS.items()
+            if kind == "image"
+        ]
+
+    @router.get("/latent-upscale-modes")
+    async def latent_upscale_modes() -> list[dict[str, Any]]:
+        return [{"name": name} for name, (kind, _) in HIRES_UPSCALERS.items() if kind == "latent"]
 
     @router.get("/samplers")
     async def samplers() -> list[dict[str, Any]]:

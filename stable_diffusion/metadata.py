@@ -48,11 +48,14 @@ def format_parameters(
         values["Denoising strength"] = plan.hires_strength
         values["Hires upscale"] = f"{plan.hires_scale:g}"
         values["Hires steps"] = plan.hires_steps
-        values["Hires upscaler"] = "Lanczos"
+        values["Hires upscaler"] = plan.hires_upscaler
     if plan.init_image is not None:
         values["Denoising strength"] = plan.strength
     if plan.mask is not None:
         values["Mask blur"] = plan.mask_blur
+    if plan.inpaint_padding is not None:
+        values["Inpaint area"] = "Only masked"
+        values["Masked area padding"] = plan.inpaint_padding
     if lora_hashes:
         values["Lora hashes"] = ", ".join(f"{name}: {value}" for name, value in lora_hashes.items())
     lines = [plan.shown_prompt]
@@ -76,8 +79,9 @@ def parse_parameters(text: str) -> dict[str, Any]:
 
     Keys: prompt (as written, <lora:...> tags included: generate reads them), negative_prompt,
     steps, scheduler (when the sampler is one of ours), sampler (as written), guidance, seed,
-    width, height, model, model_hash, loras (the prompt's tags as (name, weight) pairs) and
-    lora_hashes.
+    width, height, model, model_hash, loras (the prompt's tags as (name, weight) pairs),
+    lora_hashes, and for img2img, inpainting and the hires fix strength, mask_blur, inpaint_area,
+    inpaint_padding, hires_scale, hires_strength, hires_steps and hires_upscaler (as written).
     """
     lines = text.strip().split("\n")
     values: dict[str, str] = {}
@@ -119,6 +123,8 @@ def _typed_parameters(values: Mapping[str, str]) -> dict[str, Any]:
         "Mask blur": ("mask_blur", int),
         "Hires upscale": ("hires_scale", float),
         "Hires steps": ("hires_steps", int),
+        "Hires upscaler": ("hires_upscaler", str),
+        "Masked area padding": ("inpaint_padding", int),
     }
     for key, (name, convert) in converters.items():
         if key in values:
@@ -126,6 +132,8 @@ def _typed_parameters(values: Mapping[str, str]) -> dict[str, Any]:
                 result[name] = convert(values[key])
     if "hires_scale" in result and "strength" in result:  # A1111 writes the hires pass's strength there
         result["hires_strength"] = result.pop("strength")
+    if values.get("Inpaint area") == "Only masked":
+        result["inpaint_area"] = "only_masked"
     if "Size" in values:
         width, _, height = values["Size"].partition("x")
         with contextlib.suppress(ValueError):

@@ -33,6 +33,20 @@ MAX_SEED = 2**64 - 1
 DEFAULT_STRENGTH = 0.75  # img2img's usual denoising strength
 DEFAULT_MASK_BLUR = 4
 DEFAULT_HIRES_STRENGTH = 0.5
+DEFAULT_INPAINT_PADDING = 32  # pixels kept around the mask when only the masked area is redrawn
+MAX_INPAINT_PADDING = 256
+# Hires fix upscalers by AUTOMATIC1111's names: latents interpolated by torch (the mode), or the
+# decoded picture resampled by Pillow.
+HIRES_UPSCALERS: dict[str, tuple[str, str]] = {
+    "Latent": ("latent", "bilinear"),
+    "Latent (bicubic)": ("latent", "bicubic"),
+    "Latent (nearest)": ("latent", "nearest"),
+    "Latent (nearest-exact)": ("latent", "nearest-exact"),
+    "Lanczos": ("image", "lanczos"),
+    "Nearest": ("image", "nearest"),
+}
+DEFAULT_HIRES_UPSCALER = "Lanczos"
+INPAINT_AREAS = ("whole", "only_masked")
 
 
 @dataclass(frozen=True)
@@ -53,10 +67,13 @@ class ImageRequest:
     mask: Image.Image | None = None  # inpainting: white repaints, black keeps (needs init_image)
     strength: float | None = None  # denoising strength, 0–1: how far from init_image the result may go
     mask_blur: int | None = None  # pixels of blur on the mask's edge
+    inpaint_area: str = "whole"  # "whole": redraw the picture at its size; "only_masked": the mask's area, enlarged
+    inpaint_padding: int | None = None  # "only_masked": pixels of context kept around the mask (default 32)
     resize_mode: str = "resize"  # how init_image meets width×height: "resize" (stretch) or "crop" (fill, then crop)
     hires_scale: float | None = None  # hires fix: upscale the result by this much (e.g. 2), then redraw it
     hires_strength: float | None = None  # the second pass's denoising strength (default 0.5)
     hires_steps: int | None = None  # the second pass's steps (default: the first pass's)
+    hires_upscaler: str | None = None  # one of HIRES_UPSCALERS (default Lanczos)
 
 
 @dataclass(frozen=True)
@@ -79,11 +96,13 @@ class Plan:
     mask: Image.Image | None = None  # "L", at width×height, blurred
     strength: float = 1.0
     mask_blur: int = 0
+    inpaint_padding: int | None = None  # set: only the mask's area (with this margin) is redrawn, enlarged
     hires_scale: float = 1.0  # 1: no hires fix
     hires_strength: float = 0.5
     hires_steps: int = 0
     hires_width: int = 0
     hires_height: int = 0
+    hires_upscaler: str = DEFAULT_HIRES_UPSCALER
 
     @property
     def first_pass_steps(self) -> int:
@@ -154,6 +173,7 @@ def plan_request(request: ImageRequest, family: str, settings: ImageSettings) ->
             raise BadInputError("the mask marks nothing to repaint: paint the area to change white (or transparent)")
         if mask_blur:
             mask = mask.filter(ImageFilter.GaussianBlur(mask_blur))
+    padding = _check_inpaint_area(request)
     hires = _check_hires(request, settings, width, height, steps)
     loras = merge_loras(tagged, request.loras)
     # The parameters text keeps the prompt as typed; LoRAs given apart from it are written in as tags.
@@ -175,8 +195,20 @@ def plan_request(request: ImageRequest, family: str, settings: ImageSettings) ->
         mask=mask,
         strength=float(strength),
         mask_blur=mask_blur if mask is not None else 0,
+        inpaint_padding=padding if mask is not None else None,
         **hires,
     )
+
+
+def _check_inpaint_area(request: ImageRequest) -> int | None:
+    """The margin kept around the mask when only its area is redrawn; None for the whole picture."""
+    if request.inpaint_area not in INPAINT_AREAS:
+        raise BadInputError(f"the inpaint area must be whole or only_masked, not '{request.inpaint_area}'")
+    if request.inpaint_area == "whole":
+        return None
+    padding = _or(request.inpaint_padding, DEFAULT_INPAINT_PADDING)
+    _check_range("the masked area padding", padding, 0, MAX_INPAINT_PADDING, "pixels")
+    return padding
 
 
 def _check_hires(request: ImageRequest, settings: ImageSettings, width: int, height: int, steps: int) -> dict[str, Any]:
@@ -190,13 +222,18 @@ def _check_hires(request: ImageRequest, settings: ImageSettings, width: int, hei
         raise BadInputError(f"the hires fix denoising strength must be above 0 and at most 1; got {strength!r}")
     hires_steps = _or(request.hires_steps, steps)
     _check_range("hires steps", hires_steps, 1, settings.max_steps, "image.max_steps")
+    upscaler = _or(request.hires_upscaler, DEFAULT_HIRES_UPSCALER)
+    if upscaler not in HIRES_UPSCALERS:
+        known = ", ".join(HIRES_UPSCALERS)
+        raise BadInputError(f"unknown hires upscaler '{str(upscaler)[:80]}'; choose one of {known}")
     size = {"hires_width": round(width * scale / 8) * 8, "hires_height": round(height * scale / 8) * 8}
     if max(size.values()) > settings.max_size:
         raise BadInputError(
             f"the hires fix makes the image {size['hires_width']}x{size['hires_height']}; the largest side allowed "
             f"is {settings.max_size} (image.max_size): choose a smaller scale or size"
         )
-    return {"hires_scale": float(scale), "hires_strength": float(strength), "hires_steps": hires_steps, **size}
+    chosen = {"hires_strength": float(strength), "hires_steps": hires_steps, "hires_upscaler": upscaler}
+    return {"hires_scale": float(scale), **chosen, **size}
 
 
 def fit_image(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:

@@ -500,3 +500,50 @@ def test_a_picture_goes_back_into_img2img_with_the_hires_fix_and_comes_back_from
     expect(fresh.get_by_label("Hires scale", exact=True)).to_have_value("2")
     fresh.close()
     page.close()
+
+
+def test_painting_over_a_picture_in_the_editor_repaints_only_that_area(running_app: RunningApp, browser) -> None:
+    import numpy as np
+
+    page = browser.new_page()
+    page.goto(running_app.url)
+    page.get_by_role("tab", name="Text to image").click()
+    page.locator("#image-prompt textarea").fill("a blue lake")
+    steps = page.get_by_label("Steps", exact=True)
+    steps.fill("3")
+    steps.press("Tab")
+    page.locator("#image-generate").click()
+    expect(page.locator("#image-info")).to_contain_text("seed", timeout=60_000)
+    start = np.asarray(Image.open(newest_png(page)).convert("RGB"), dtype=np.int16)
+    page.locator("#image-gallery img").first.click()
+    page.locator("#image-send-to-start").click()
+    page.get_by_text("Start from a picture: img2img").click()
+    canvas = page.locator("#image-start-editor canvas").first
+    expect(canvas).to_be_visible(timeout=10_000)
+    page.wait_for_timeout(1000)  # the editor fits the picture into its canvas
+    # The brush is the editor's first tool. One stroke over the picture's top left: the picture sits
+    # in the middle of the canvas, as tall as it.
+    box = canvas.bounding_box()
+    assert box is not None
+    middle_x, middle_y, side = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["height"]
+    page.mouse.move(middle_x - 0.3 * side, middle_y - 0.3 * side)
+    page.mouse.down()
+    for step in range(1, 6):
+        page.mouse.move(middle_x - 0.3 * side + step * 0.04 * side, middle_y - 0.3 * side, steps=2)
+    page.mouse.up()
+    page.locator("#image-inpaint-area").get_by_text("Only masked").click()
+    padding = page.get_by_label("Masked area padding", exact=True)
+    padding.fill("4")
+    padding.press("Tab")
+    first = page.locator("#image-info").inner_text()
+    page.locator("#image-generate").click()
+    expect(page.locator("#image-info")).not_to_have_text(first, timeout=90_000)
+    expect(page.locator("#image-info")).to_contain_text("seed", timeout=10_000)
+    parameters = saved_parameters(page)
+    assert "Mask blur: 4" in parameters, f"the painted stroke became a mask: {parameters}"
+    assert "Inpaint area: Only masked, Masked area padding: 4" in parameters
+    painted = np.asarray(Image.open(newest_png(page)).convert("RGB"), dtype=np.int16)
+    assert np.array_equal(painted[48:, 48:], start[48:, 48:]), "far from the stroke nothing changed"
+    assert np.abs(painted[:24, :32] - start[:24, :32]).max() > 0, "under the stroke it was repainted"
+    shot(page, "inpaint-painted.png")
+    page.close()

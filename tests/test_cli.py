@@ -156,21 +156,26 @@ def test_generate_from_a_picture_and_a_mask(tiny_config: Path, tmp_path: Path) -
     painted_area.save(mask)
     result = run_cli(
         "generate", "a pond", "--init-image", str(start), "--strength", "0.5", "--mask", str(mask), "--steps", "4",
-        "--out", str(out), config=tiny_config,
+        "--only-masked", "16", "--out", str(out), config=tiny_config,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "2/2 steps" in result.stderr, "half of the 4 steps at strength 0.5"
     parameters = Image.open(out).text["parameters"]
     assert "Denoising strength: 0.5" in parameters and "Mask blur: 4" in parameters
+    assert "Inpaint area: Only masked, Masked area padding: 16" in parameters
     broken = run_cli("generate", "a pond", "--init-image", str(tmp_path / "absent.png"), config=tiny_config)
     assert broken.returncode == 1 and "there is no image file at" in broken.stderr.strip().splitlines()[-1]
 
 
 def test_generate_with_the_hires_fix(tiny_config: Path, tmp_path: Path) -> None:
     out = tmp_path / "big.png"
-    result = run_cli("generate", "a pond", "--steps", "2", "--hires", "2x", "--out", str(out), config=tiny_config)
+    result = run_cli(
+        "generate", "a pond", "--steps", "2", "--hires", "2x", "--upscaler", "Latent", "--out", str(out),
+        config=tiny_config,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert Image.open(out).size == (128, 128) and "Hires upscale: 2" in Image.open(out).text["parameters"]
+    assert "Hires upscaler: Latent" in Image.open(out).text["parameters"]
     wrong = run_cli("generate", "a pond", "--hires", "double", config=tiny_config)
     assert wrong.returncode == 1 and "--hires takes a scale such as 2x" in wrong.stderr
 

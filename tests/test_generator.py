@@ -781,3 +781,77 @@ def test_hires_fix_upscales_then_redraws_and_says_so_in_the_parameters(sd15: Ima
         sd15.generate(dataclasses.replace(request, width=256, height=256), save=False)
     with pytest.raises(BadInputError, match="scale must be from 1"):
         sd15.generate(dataclasses.replace(request, hires_scale=9), save=False)
+
+
+def test_inpainting_keeps_the_unmasked_pixels_exactly(sd15: ImageService) -> None:
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    request = ImageRequest(prompt=PROMPT, seed=4, steps=3, init_image=a_picture(), mask=mask, mask_blur=0)
+    painted = pixels(sd15, request)
+    original = np.asarray(a_picture(), dtype=np.int16)
+    assert np.array_equal(painted[:, 32:], original[:, 32:]), "black keeps: not even a VAE round trip"
+    assert np.abs(painted[:, :32] - original[:, :32]).mean() > 1, "white repaints"
+
+
+def test_only_masked_inpainting_redraws_the_masks_area_from_its_surroundings_alone(sd15: ImageService) -> None:
+    from stable_diffusion.metadata import parse_parameters
+
+    picture = a_picture(128, 128)
+    elsewhere = picture.copy()
+    elsewhere.paste((255, 0, 255), (96, 96, 128, 128))  # a change far from the mask and its padding
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    request = ImageRequest(
+        prompt=PROMPT, seed=5, steps=3, init_image=picture, mask=mask, mask_blur=0, strength=0.9,
+        inpaint_area="only_masked", inpaint_padding=8,
+    )  # fmt: skip
+    only = sd15.generate(request, save=False).images[0]
+    only_pixels = np.asarray(only.image, dtype=np.int16)
+    original = np.asarray(picture, dtype=np.int16)
+    assert np.array_equal(only_pixels[40:, :], original[40:, :]), "outside the mask nothing changes"
+    assert np.abs(only_pixels[8:24, 8:24] - original[8:24, 8:24]).mean() > 1
+    # Only the crop around the mask is drawn: a change outside it leaves the repainted area as it was,
+    # where redrawing the whole picture sees the change.
+    moved = pixels(sd15, dataclasses.replace(request, init_image=elsewhere))
+    assert np.array_equal(moved[8:24, 8:24], only_pixels[8:24, 8:24])
+    whole = dataclasses.replace(request, inpaint_area="whole")
+    assert not np.array_equal(
+        pixels(sd15, whole)[8:24, 8:24], pixels(sd15, dataclasses.replace(whole, init_image=elsewhere))[8:24, 8:24]
+    )
+    assert "Inpaint area: Only masked, Masked area padding: 8" in only.parameters
+    read = parse_parameters(only.parameters)
+    assert read["inpaint_area"] == "only_masked" and read["inpaint_padding"] == 8
+    for wrong, words in [({"inpaint_area": "edges"}, "inpaint area"), ({"inpaint_padding": 999}, "padding")]:
+        with pytest.raises(BadInputError, match=words):
+            sd15.generate(dataclasses.replace(request, **wrong), save=False)
+
+
+def test_hires_fix_can_upscale_the_latents_instead_of_the_picture(sd15: ImageService) -> None:
+    request = ImageRequest(prompt=PROMPT, seed=6, steps=4, hires_scale=2, hires_strength=0.6)
+    latent = sd15.generate(dataclasses.replace(request, hires_upscaler="Latent"), save=False).images[0]
+    assert latent.image.size == (128, 128) and "Hires upscaler: Latent" in latent.parameters
+    lanczos = pixels(sd15, request)
+    assert np.abs(np.asarray(latent.image, dtype=np.int16) - lanczos).max() > 0, "another upscaler, another start"
+    nearest = pixels(sd15, dataclasses.replace(request, hires_upscaler="Latent (nearest-exact)"))
+    assert not np.array_equal(nearest, np.asarray(latent.image, dtype=np.int16))
+    with pytest.raises(BadInputError, match="unknown hires upscaler 'R-ESRGAN 4x\\+'; choose one of Latent"):
+        sd15.generate(dataclasses.replace(request, hires_upscaler="R-ESRGAN 4x+"), save=False)
+
+
+def test_sdxl_does_img2img_inpainting_of_the_masked_area_and_a_latent_hires_fix(tiny: Tiny, tmp_path: Path) -> None:
+    service = make_service(tiny, tiny.sdxl.folder, tmp_path)
+    start = a_picture()
+    moved = pixels(service, ImageRequest(prompt=PROMPT, seed=2, steps=4, init_image=start, strength=0.5))
+    assert moved.shape == (64, 64, 3) and np.abs(moved - np.asarray(start, dtype=np.int16)).mean() > 0
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (4, 4, 20, 20))
+    inpaint = ImageRequest(
+        prompt=PROMPT, seed=2, steps=3, init_image=start, mask=mask, mask_blur=0, inpaint_area="only_masked",
+        inpaint_padding=4,
+    )  # fmt: skip
+    painted = pixels(service, inpaint)
+    assert np.array_equal(painted[32:], np.asarray(start, dtype=np.int16)[32:])
+    assert np.abs(painted[4:20, 4:20] - np.asarray(start, dtype=np.int16)[4:20, 4:20]).mean() > 0
+    hires = ImageRequest(prompt=PROMPT, seed=2, steps=2, hires_scale=1.5, hires_upscaler="Latent (bicubic)")
+    assert pixels(service, hires).shape == (96, 96, 3)
+    assert load_count(service) == 1, "every workflow ran on the one loaded SDXL model"

@@ -54,10 +54,11 @@ def exercise(url: str, picture: Path) -> None:
     ui.predict(attached, [], "", 0.0, 1.0, 4, 1.0, 1, api_name="/chat")
     ui.predict(handle_file(str(picture)), "What is it?", [], api_name="/describe")
     text_to_image = ("a tree", "", 64, 64, 1, 7.0, 1, 1, "euler")
-    no_start_picture_no_hires = (None, 0.75, 4, "resize", False, 2, 0.5, 2)
+    no_start_picture_no_hires = (None, 0.75, 4, "resize", False, 2, 0.5, 2, "Lanczos", "whole", 32)
     ui.predict(*text_to_image, *no_start_picture_no_hires, api_name="/generate")
     start = {"background": handle_file(str(picture)), "layers": [], "composite": None}
-    ui.predict(*text_to_image, start, 0.75, 4, "resize", True, 2, 0.5, 1, api_name="/generate")  # img2img, hires
+    img2img_hires = (start, 0.75, 4, "resize", True, 2, 0.5, 1, "Latent", "whole", 32)
+    ui.predict(*text_to_image, *img2img_hires, api_name="/generate")
 
 
 def test_the_app_connects_to_nothing_beyond_loopback_and_looks_up_no_name(tmp_path: Path, tiny_models: Path) -> None:

@@ -115,7 +115,11 @@ def test_img2img_and_inpainting_as_automatic1111_clients_send_them(running_app: 
     assert "init_images" not in redrawn.json()["parameters"], "the pictures are not echoed back"
     painted = post(running_app, "img2img", {**body, "mask": f"data:image/png;base64,{png_b64(mask)}", "mask_blur": 2})
     assert painted.status_code == 200, painted.text
-    assert "Mask blur: 2" in Image.open(io.BytesIO(base64.b64decode(painted.json()["images"][0]))).info["parameters"]
+    parameters = Image.open(io.BytesIO(base64.b64decode(painted.json()["images"][0]))).info["parameters"]
+    assert "Mask blur: 2" in parameters
+    assert "Inpaint area: Only masked, Masked area padding: 0" in parameters, "A1111's defaults"
+    whole = post(running_app, "img2img", {**body, "mask": png_b64(mask), "inpaint_full_res": False})
+    assert "Inpaint area" not in Image.open(io.BytesIO(base64.b64decode(whole.json()["images"][0]))).info["parameters"]
     small_mask = png_b64(Image.new("L", (32, 32), 255))
     cases = [
         ({"init_images": []}, "one picture"),
@@ -160,4 +164,11 @@ def test_txt2img_with_the_hires_fix(running_app: RunningApp) -> None:
     assert answer.status_code == 200, answer.text
     picture = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
     assert picture.size == (128, 128)
-    assert "Hires upscale: 2" in picture.info["parameters"] and "Hires upscaler: Lanczos" in picture.info["parameters"]
+    assert "Hires upscale: 2" in picture.info["parameters"] and "Hires upscaler: Latent" in picture.info["parameters"]
+    lanczos = post(running_app, "txt2img", {**body, "hr_upscaler": "Lanczos"}).json()["images"][0]
+    assert lanczos != answer.json()["images"][0], "the upscaler asked for is the one used"
+    refused = post(running_app, "txt2img", {**body, "hr_upscaler": "R-ESRGAN 4x+"})
+    assert refused.status_code == 400 and "Unknown upscaler 'R-ESRGAN 4x+'" in refused.json()["detail"]
+    upscalers = {u["name"] for u in httpx.get(f"{running_app.url}/sdapi/v1/upscalers").json()}
+    latent = {m["name"] for m in httpx.get(f"{running_app.url}/sdapi/v1/latent-upscale-modes").json()}
+    assert "Lanczos" in upscalers and "Latent" in latent and not upscalers & latent

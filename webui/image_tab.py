@@ -12,7 +12,13 @@ import gradio as gr
 from generator import ImageRequest, ImageService
 from settings import ImageSettings
 from stable_diffusion.metadata import read_png_parameters
-from stable_diffusion.request import SAMPLER_NAMES
+from stable_diffusion.request import (
+    DEFAULT_HIRES_UPSCALER,
+    DEFAULT_INPAINT_PADDING,
+    HIRES_UPSCALERS,
+    MAX_INPAINT_PADDING,
+    SAMPLER_NAMES,
+)
 from webui.common import MODEL_EVENT_CONCURRENCY, sentence, session_switch, user_message
 from webui.fields import Bounds, number_field, problems, problems_text, watch_fields
 
@@ -46,6 +52,9 @@ class ImageTab:
     hires_scale: gr.Number
     hires_strength: gr.Number
     hires_steps: gr.Number
+    hires_upscaler: gr.Dropdown
+    inpaint_area: gr.Radio
+    inpaint_padding: gr.Number
     send_to_start: gr.Button
     selected: gr.State  # the gallery picture last clicked
 
@@ -67,7 +76,14 @@ class ImageTab:
     @property
     def numbers(self) -> list[tuple[Bounds, gr.Number]]:
         fields = [self.width, self.height, self.steps, self.guidance, self.seed, self.count]
-        extra = [self.strength, self.mask_blur, self.hires_scale, self.hires_strength, self.hires_steps]
+        extra = [
+            self.strength,
+            self.mask_blur,
+            self.hires_scale,
+            self.hires_strength,
+            self.hires_steps,
+            self.inpaint_padding,
+        ]
         return list(zip(self.bounds, [*fields, *extra], strict=True))
 
     @property
@@ -82,6 +98,9 @@ class ImageTab:
             self.hires_scale,
             self.hires_strength,
             self.hires_steps,
+            self.hires_upscaler,
+            self.inpaint_area,
+            self.inpaint_padding,
         ]
 
 
@@ -99,6 +118,7 @@ def image_bounds(settings: ImageSettings) -> tuple[Bounds, ...]:
         Bounds("Hires scale", 1, 4),
         Bounds("Hires denoising strength", 0.01, 1),
         Bounds("Hires steps", 1, settings.max_steps, integer=True),
+        Bounds("Masked area padding", 0, MAX_INPAINT_PADDING, integer=True),
     )
 
 
@@ -141,7 +161,8 @@ def build_image_tab(images: ImageService, settings: ImageSettings) -> ImageTab:
                 cancel = gr.Button("Cancel", elem_id="image-cancel")
             lora = gr.Dropdown(value=None, elem_id="image-lora", **lora_choices(images))
         with gr.Column(scale=4, min_width=300):
-            gallery = gr.Gallery(label="Images", columns=2, height="auto", elem_id="image-gallery")
+            # PNG, not the default WebP: a picture sent on to img2img keeps its exact pixels
+            gallery = gr.Gallery(label="Images", columns=2, height="auto", format="png", elem_id="image-gallery")
             send_to_start = gr.Button(
                 "Send the picture clicked to img2img / inpaint", size="sm", elem_id="image-send-to-start"
             )
@@ -165,6 +186,9 @@ def build_image_tab(images: ImageService, settings: ImageSettings) -> ImageTab:
             hires_scale = number_field(bounds[8], 2, elem_id="image-hires-scale")
             hires_strength = number_field(bounds[9], 0.5, elem_id="image-hires-strength")
             hires_steps = number_field(bounds[10], defaults.steps, elem_id="image-hires-steps")
+            hires_upscaler = gr.Dropdown(
+                list(HIRES_UPSCALERS), value=DEFAULT_HIRES_UPSCALER, label="Upscaler", elem_id="image-hires-upscaler"
+            )
         field_problems = gr.Markdown(visible=False, elem_id="image-field-problems", elem_classes=["field-problems"])
     with gr.Accordion("Start from a picture: img2img, or paint over it to inpaint", open=False, elem_id="image-start"):
         start = gr.ImageEditor(
@@ -180,6 +204,14 @@ def build_image_tab(images: ImageService, settings: ImageSettings) -> ImageTab:
             resize_mode = gr.Radio(
                 [("Stretch to the size", "resize"), ("Crop to the size", "crop")], value="resize", label="Fit"
             )
+        with gr.Row():
+            inpaint_area = gr.Radio(
+                [("Whole picture", "whole"), ("Only masked (more detail)", "only_masked")],
+                value="whole",
+                label="Inpaint area",
+                elem_id="image-inpaint-area",
+            )
+            inpaint_padding = number_field(bounds[11], DEFAULT_INPAINT_PADDING, elem_id="image-inpaint-padding")
     restore = gr.File(
         label="Drop a PNG made here (or by AUTOMATIC1111) to restore its settings",
         file_types=[".png"],
@@ -189,7 +221,8 @@ def build_image_tab(images: ImageService, settings: ImageSettings) -> ImageTab:
     return ImageTab(
         notice, prompt, negative, width, height, steps, guidance, seed, count, scheduler, lora, generate, cancel,
         gallery, info, restore, restore_note, field_problems, bounds, start, strength, mask_blur, resize_mode,
-        hires, hires_scale, hires_strength, hires_steps, send_to_start, gr.State(None),
+        hires, hires_scale, hires_strength, hires_steps, hires_upscaler, inpaint_area, inpaint_padding, send_to_start,
+        gr.State(None),
     )  # fmt: skip
 
 
@@ -241,11 +274,14 @@ def wire_image_tab(tab: ImageTab, images: ImageService, after: Callable[[Any], N
         hires_scale: float,
         hires_strength: float,
         hires_steps: float,
+        hires_upscaler: str,
+        inpaint_area: str,
+        inpaint_padding: float,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way to ask for a progress bar
     ) -> tuple[Any, str]:
         values = (width, height, steps, guidance, seed, count, strength, mask_blur, hires_scale, hires_strength,
-                  hires_steps)  # fmt: skip
+                  hires_steps, inpaint_padding)  # fmt: skip
         found = problems(list(zip(tab.bounds, values, strict=True)))
         if found:  # refused as typed: nothing is changed behind the user's back
             return gr.skip(), problems_text(found)
@@ -274,6 +310,9 @@ def wire_image_tab(tab: ImageTab, images: ImageService, after: Callable[[Any], N
                         hires_scale=float(hires_scale) if hires else None,
                         hires_strength=float(hires_strength) if hires else None,
                         hires_steps=int(hires_steps) if hires else None,
+                        hires_upscaler=hires_upscaler if hires else None,
+                        inpaint_area=inpaint_area or "whole",
+                        inpaint_padding=int(inpaint_padding),
                     ),
                     progress=lambda step, total: progress((step, total), desc="Denoising", unit="steps"),
                     cancel=cancel,
@@ -294,7 +333,7 @@ def wire_image_tab(tab: ImageTab, images: ImageService, after: Callable[[Any], N
         return f"{prompt.rstrip()} <lora:{name}:1>".strip(), gr.update(value=None)
 
     restored_fields = [*tab.parameters, tab.strength, tab.mask_blur, tab.hires, tab.hires_scale, tab.hires_strength,
-                       tab.hires_steps]  # fmt: skip
+                       tab.hires_steps, tab.hires_upscaler, tab.inpaint_area, tab.inpaint_padding]  # fmt: skip
 
     def restore(path: str | None) -> list[Any]:
         unchanged = [gr.skip()] * len(restored_fields)
@@ -305,8 +344,13 @@ def wire_image_tab(tab: ImageTab, images: ImageService, after: Callable[[Any], N
         except Exception as error:  # a PNG without settings: say so beside the drop zone, change nothing
             return [*unchanged, f"⚠️ {user_message(error)}"]
         found["hires"] = "hires_scale" in found
+        if found.get("hires_upscaler") not in HIRES_UPSCALERS:  # e.g. an ESRGAN model this app does not have
+            found.pop("hires_upscaler", None)
+        if "mask_blur" in found:  # an inpainting PNG says "Only masked", or nothing for the whole picture
+            found.setdefault("inpaint_area", "whole")
         names = ["prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed", "num_images", "scheduler",
-                 "strength", "mask_blur", "hires", "hires_scale", "hires_strength", "hires_steps"]  # fmt: skip
+                 "strength", "mask_blur", "hires", "hires_scale", "hires_strength", "hires_steps", "hires_upscaler",
+                 "inpaint_area", "inpaint_padding"]  # fmt: skip
         restored = [found[name] if name in found else gr.skip() for name in names]
         count = sum(name in found for name in names) - 1
         return [*restored, sentence(f"restored {count} settings from the PNG.")]
