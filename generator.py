@@ -42,6 +42,7 @@ from stable_diffusion.models import (
     detect_family,
     estimate_weight_bytes,
     folder_weight_files,
+    is_inpainting_model,
     model_hash,
     read_cross_attention_dim,
 )
@@ -150,6 +151,16 @@ def _pipeline_like(pipe: Any, task: str) -> Any:
     return derived
 
 
+def _inpainting_start(picture: Image.Image | None, mask: Image.Image | None, width: int, height: int) -> dict[str, Any]:
+    """The inpainting pipeline's picture and mask. An inpainting checkpoint makes every picture this
+    way: img2img masks all of the picture, text-to-image an empty one (the UNet sees no picture then)."""
+    if picture is None:
+        picture = Image.new("RGB", (width, height))
+    if mask is None:
+        mask = Image.new("L", picture.size, 255)
+    return {"image": picture, "mask_image": mask, "width": picture.width, "height": picture.height}
+
+
 def _upscaled(first: Any, plan: Plan, mode: str) -> Any:
     """The first pass at the hires size: latents interpolated by torch, or the picture resampled."""
     if isinstance(first, Image.Image):
@@ -177,7 +188,7 @@ class ImageService:
         self._device = device
         # Config folders for single-file checkpoints, by family; tests point these at tiny shapes.
         self._config_dirs = dict(config_dirs or SHIPPED_CONFIGS)
-        self._model_cache: tuple[tuple[Path, int, int], ImageModel] | None = None
+        self._model_cache: dict[Path, tuple[tuple[int, int], ImageModel]] = {}
         self._lora_cache: dict[Path, tuple[LoraFile, str]] = {}
         self._hashes: dict[tuple[Path, int, int], str] = {}
         self._cache_lock = threading.Lock()
@@ -286,30 +297,55 @@ class ImageService:
 
     # -- which model --------------------------------------------------------
 
-    def resolve_model(self) -> ImageModel:
-        """The configured model, its family and shapes (cached until the file changes)."""
-        message = self.availability()
-        if message is not None:
-            raise ModelMissingError(message)
-        path = self.model_path
+    @property
+    def inpainting_model_path(self) -> Path | None:
+        """The dedicated inpainting checkpoint set in image.inpainting_model, if any."""
+        if not self._settings.inpainting_model:
+            return None
+        path = Path(self._settings.inpainting_model).expanduser()
+        return path if path.is_absolute() else self._models_dir / path
+
+    def resolve_model(self, path: Path | None = None) -> ImageModel:
+        """The model at ``path`` (default: the selected one), its family and shapes, cached until
+        the file changes."""
+        if path is None:
+            message = self.availability()
+            if message is not None:
+                raise ModelMissingError(message)
+            path = self.model_path
         stat = path.stat()
-        key = (path, stat.st_size, stat.st_mtime_ns)
+        key = (stat.st_size, stat.st_mtime_ns)
         with self._cache_lock:
-            if self._model_cache is not None and self._model_cache[0] == key:
-                return self._model_cache[1]
+            cached = self._model_cache.get(path)
+            if cached is not None and cached[0] == key:
+                return cached[1]
         # image.family describes the configured model; a checkpoint picked later is detected.
-        configured = self._settings.family != "auto" and self._selected is None
+        configured = self._settings.family != "auto" and self._selected is None and path == self.model_path
         family = self._settings.family if configured else detect_family(path)
         config = None if path.is_dir() else self._config_dirs["sd15" if family == "sd15" else "sdxl"]
         try:
             dim = read_cross_attention_dim(config or path)
         except (OSError, ValueError, KeyError) as error:
             raise ModelLoadError(f"{path} has no readable unet/config.json ({error}); download it again") from None
-        model = ImageModel(path, path.stem if path.is_file() else path.name, family, dim, config)
-        log.info("image model %s is %s", model.name, FAMILY_NAMES[family])
+        name = path.stem if path.is_file() else path.name
+        model = ImageModel(path, name, family, dim, config, inpainting=is_inpainting_model(path))
+        log.info("image model %s is %s%s", model.name, FAMILY_NAMES[family], " (inpainting)" * model.inpainting)
         with self._cache_lock:
-            self._model_cache = (key, model)
+            self._model_cache[path] = (key, model)
         return model
+
+    def _model_for(self, request: ImageRequest, notices: list[str]) -> ImageModel:
+        """The selected model; for a request with a mask, the dedicated inpainting checkpoint when it is there."""
+        dedicated = self.inpainting_model_path
+        if request.mask is None or dedicated is None:
+            return self.resolve_model()
+        if not dedicated.exists():
+            notices.append(
+                f"The inpainting model {dedicated.name} (image.inpainting_model) is not there: the selected "
+                "model repainted the masked area."
+            )
+            return self.resolve_model()
+        return self.resolve_model(dedicated)
 
     def load_spec(self, model: ImageModel) -> LoadSpec:
         """Everything that changes the weights in memory. LoRAs are not in it: they adapt the loaded pipeline."""
@@ -317,6 +353,8 @@ class ImageService:
         options: dict[str, Any] = {"family": model.family, "dtype": dtype}
         if model.config is not None:
             options["config"] = str(model.config)
+        if model.inpainting:
+            options["inpainting"] = True
         return LoadSpec.of("image", model.path, device=self.device, **options)
 
     def _estimate_bytes(self, spec: LoadSpec) -> int:
@@ -372,13 +410,19 @@ class ImageService:
         returned with ``cancelled=True``. Saved images stay saved if a later one fails.
         """
         started = time.perf_counter()
-        model = self.resolve_model()
+        notices: list[str] = []
+        model = self._model_for(request, notices)
         plan = plan_request(request, model.family, self._settings)
+        notices[:0] = plan.notices
+        if model.inpainting and plan.hires_scale > 1 and HIRES_UPSCALERS[plan.hires_upscaler][0] == "latent":
+            raise BadInputError(
+                f"{model.name} is an inpainting checkpoint: its hires fix works on the picture, not the latents; "
+                "choose the Lanczos or Nearest upscaler"
+            )
         check_weights(parse_prompt(plan.prompt))  # before the model is asked for
         check_weights(parse_prompt(plan.negative_prompt or ""))
         loras = self._loras_for(plan, model)
         images: list[GeneratedImage] = []
-        notices = list(plan.notices)
         cancelled = False
         steps = _StepCounter(progress)
         spec = self.load_spec(model)
@@ -522,9 +566,11 @@ class ImageService:
         # Noise from a CPU generator: the same seed gives the same picture on any device.
         generator = torch.Generator("cpu").manual_seed(seed)
         pipe, start = loaded.pipe, {"width": plan.width, "height": plan.height}
-        if plan.mask is not None:  # the loaded components in an inpainting pipeline: no second copy
+        if plan.mask is not None or loaded.inpainting:  # the loaded components: no second copy
             pipe = _pipeline_like(loaded.pipe, "inpainting")
-            start |= {"image": plan.init_image, "mask_image": plan.mask, "strength": plan.strength}
+            start |= _inpainting_start(plan.init_image, plan.mask, plan.width, plan.height) | {
+                "strength": plan.strength
+            }
             if plan.inpaint_padding is not None:  # only the mask's area, enlarged to the full size
                 start["padding_mask_crop"] = plan.inpaint_padding
         elif plan.init_image is not None:  # img2img takes its size from the (fitted) picture
@@ -549,9 +595,13 @@ class ImageService:
                 image = pipe.image_processor.apply_overlay(plan.mask, plan.init_image, image)
             if plan.hires_scale > 1:  # hires fix: upscale, then redraw the details at the larger size
                 passed[0] = done + plan.first_pass_steps
-                image = _pipeline_like(loaded.pipe, "image2image")(
+                upscaled = _upscaled(output.images[:1] if upscaler == "latent" else image, plan, mode)
+                second = {"image": upscaled}
+                if loaded.inpainting:  # redraws all of the picture: a mask over everything
+                    second = _inpainting_start(upscaled, None, plan.hires_width, plan.hires_height)
+                image = _pipeline_like(loaded.pipe, "inpainting" if loaded.inpainting else "image2image")(
                     **prompts,
-                    image=_upscaled(output.images[:1] if upscaler == "latent" else image, plan, mode),
+                    **second,
                     strength=plan.hires_strength,
                     num_inference_steps=plan.hires_steps,
                     guidance_scale=plan.guidance,

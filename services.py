@@ -24,6 +24,8 @@ HOW_TO_GET = {
     "image": "On a connected machine: huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 "
     '--include "*.json" "*.txt" "*fp16.safetensors" --local-dir stable-diffusion-v1-5 — then copy the folder to '
     "{path}; or place one .safetensors checkpoint (SD 1.5, SDXL, SDXL-Turbo) there.",
+    "inpainting": "For image.inpainting_model: python main.py models download sd15-inpainting on a connected "
+    "machine — then copy the folder to {path}.",
     "lora": "Place kohya or diffusers LoRA .safetensors files in {path}; they are listed here and in the "
     "Text-to-image tab.",
     "transcription": "On a connected machine: huggingface-cli download Systran/faster-whisper-small --local-dir "
@@ -98,6 +100,10 @@ class Services:
             image_models = {self.images.selected_name: current, **image_models}
         for name, path in image_models.items():
             rows.append(self._row(status, "image", name, path, path == current, HOW_TO_GET["image"]))
+        dedicated = self.images.inpainting_model_path
+        if dedicated is not None and dedicated not in image_models.values():
+            name = dedicated.stem if dedicated.suffix == ".safetensors" else dedicated.name
+            rows.append(self._row(status, "image", name, dedicated, False, HOW_TO_GET["inpainting"]))
         lora_dir = self.images.lora_dir
         for name in self.images.list_loras():
             rows.append(self._row(status, "lora", name, lora_dir / f"{name}.safetensors", False, HOW_TO_GET["lora"]))

@@ -125,6 +125,7 @@ class ImageDefaults(_Strict):
 class ImageSettings(_Strict):
     model: str = "stable-diffusion-v1-5"
     family: Literal["auto", "sd15", "sdxl", "sdxl_turbo"] = "auto"
+    inpainting_model: str = ""  # used for requests with a mask when it is there
     lora_dir: str = "lora"
     outputs_dir: Path = Path("outputs")
     min_size: int = Field(256, ge=64)

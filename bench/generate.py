@@ -190,21 +190,45 @@ def workflows(
         bigger = first.resize((size * 2, size * 2), Image.Resampling.LANCZOS)
         return image2image(image=bigger, strength=0.5, generator=seeded(), **common).images[0]
 
+    def plain_inpainting() -> Any:  # the unmasked area pasted back, as generator.py does
+        image = inpainting(
+            image=start, mask_image=mask, strength=1.0, width=size, height=size, generator=seeded(), **common
+        ).images[0]
+        return inpainting.image_processor.apply_overlay(mask, start, image)
+
+    def plain_latent_hires() -> Any:
+        latents = pipe(width=size, height=size, generator=seeded(), **{**common, "output_type": "latent"}).images
+        bigger = torch.nn.functional.interpolate(latents, size=(size * 2 // 8, size * 2 // 8), mode="bilinear")
+        return image2image(image=bigger, strength=0.5, generator=seeded(), **common).images[0]
+
+    small_mask = Image.new("L", (size, size), 0)
+    small_mask.paste(255, (size // 8, size // 8, size // 4, size // 4))
     base = ImageRequest(PROMPT, steps=steps, guidance=guidance, seed=1)
+    masked = dataclasses.replace(base, init_image=start, mask=mask, strength=1.0, mask_blur=0)
     cases: dict[str, tuple[Callable[[], Any], ImageRequest]] = {
         "img2img 0.6": (
             lambda: image2image(image=start, strength=0.6, generator=seeded(), **common).images[0],
             ImageRequest(PROMPT, steps=steps, guidance=guidance, seed=1, init_image=start, strength=0.6),
         ),
-        "inpainting": (
+        "inpainting": (plain_inpainting, masked),
+        "only masked": (
             lambda: inpainting(
-                image=start, mask_image=mask, strength=1.0, width=size, height=size, generator=seeded(), **common
+                image=start,
+                mask_image=small_mask,
+                strength=1.0,
+                width=size,
+                height=size,
+                padding_mask_crop=32,
+                generator=seeded(),
+                **common,
             ).images[0],
-            ImageRequest(
-                PROMPT, steps=steps, guidance=guidance, seed=1, init_image=start, mask=mask, strength=1.0, mask_blur=0
-            ),
+            dataclasses.replace(masked, mask=small_mask, inpaint_area="only_masked", inpaint_padding=32),
         ),
         "hires fix 2x": (plain_hires, dataclasses.replace(base, hires_scale=2, hires_strength=0.5)),
+        "hires latent 2x": (
+            plain_latent_hires,
+            dataclasses.replace(base, hires_scale=2, hires_strength=0.5, hires_upscaler="Latent"),
+        ),
     }
     print(f"{'':18}{'diffusers':>12}{'generator.py':>14}{'ratio':>9}  same pixels")
     for name, (plain, request) in cases.items():

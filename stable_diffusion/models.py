@@ -37,6 +37,7 @@ class ImageModel:
     family: Family
     cross_attention_dim: int  # width of the text features the UNet reads: 768 SD 1.5, 2048 SDXL
     config: Path | None  # the diffusers config folder a single-file checkpoint loads against
+    inpainting: bool = False  # a dedicated inpainting checkpoint: its UNet also reads the mask and the picture
 
 
 def detect_family(path: Path) -> Family:
@@ -87,6 +88,25 @@ def _checkpoint_family(path: Path) -> Family:
         f"{path.name} does not look like a Stable Diffusion 1.5 or SDXL checkpoint (no text encoder weights); "
         "is it a LoRA or a VAE? Put LoRAs in the LoRA folder and point image.model at a full model"
     )
+
+
+INPAINTING_UNET_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-picture latent channels
+_FIRST_UNET_LAYER = "model.diffusion_model.input_blocks.0.0.weight"  # its shape: (width, in_channels, 3, 3)
+
+
+def is_inpainting_model(path: Path) -> bool:
+    """Whether the UNet takes the mask and the picture besides the latents (a dedicated inpainting
+    checkpoint such as sd-v1-5-inpainting), read from its config or the checkpoint's header."""
+    try:
+        if path.is_dir():
+            config = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
+            channels = int(config.get("in_channels", 4))
+        else:
+            shape = header_tensors(read_safetensors_header(path)).get(_FIRST_UNET_LAYER, {}).get("shape", [])
+            channels = int(shape[1]) if len(shape) == 4 else 4
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # loading will say what is wrong with the files
+    return channels == INPAINTING_UNET_CHANNELS
 
 
 def read_cross_attention_dim(config_root: Path) -> int:

@@ -17,7 +17,13 @@ from typing import Any
 
 from errors import AppError, BadInputError, ModelLoadError
 from model_manager import LoadedModel, LoadSpec
-from stable_diffusion.models import FAMILY_NAMES, PIPELINE_COMPONENTS, Family, folder_variant
+from stable_diffusion.models import (
+    FAMILY_NAMES,
+    INPAINTING_UNET_CHANNELS,
+    PIPELINE_COMPONENTS,
+    Family,
+    folder_variant,
+)
 from stable_diffusion.request import SCHEDULERS
 
 COMPONENT_NAMES = {
@@ -38,6 +44,11 @@ class LoadedImageModel:
     scheduler_name: str | None = None
     adapters: dict[str, tuple[int, int]] = field(default_factory=dict)  # adapter -> file fingerprint
     tiling: bool = False
+
+    @property
+    def inpainting(self) -> bool:
+        """A dedicated inpainting UNet: every picture is made through the inpainting pipeline."""
+        return int(self.pipe.unet.config.in_channels) == INPAINTING_UNET_CHANNELS
 
 
 def _pipeline_class(family: str) -> Any:
@@ -63,6 +74,8 @@ def load_image_pipeline(spec: LoadSpec) -> LoadedModel:
         if path.is_dir():
             pipe = cls.from_pretrained(path, variant=folder_variant(path), **options)
         else:
+            if spec.option("inpainting"):  # the config folder describes the base model's 4-channel UNet
+                options["unet"] = _inpainting_unet(path, spec.option("config"), options["dtype"])
             pipe = cls.from_single_file(str(path), config=spec.option("config"), **options)
         _check_all_weights_loaded(pipe, path)
         pipe.to(spec.device)
@@ -79,6 +92,19 @@ def load_image_pipeline(spec: LoadSpec) -> LoadedModel:
     pipe.set_progress_bar_config(disable=True)
     loaded = LoadedImageModel(pipe=pipe, family=family, base_scheduler_config=dict(pipe.scheduler.config))
     return LoadedModel(model=loaded, reported_bytes=_parameter_bytes(pipe))
+
+
+def _inpainting_unet(path: Path, config: str, dtype: Any) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_single_file(
+        str(path),
+        config=config,
+        subfolder="unet",
+        in_channels=INPAINTING_UNET_CHANNELS,
+        torch_dtype=dtype,
+        local_files_only=True,
+    )
 
 
 class _EmptyFloat32ListFilter(logging.Filter):

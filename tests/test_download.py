@@ -92,6 +92,7 @@ def test_all_means_the_profiles_models_and_the_layout_matches_the_default_config
     assert SOURCES["chat"].patterns == (defaults.chat.model,)
     assert SOURCES["vision"].folder == defaults.vision.model
     assert SOURCES["sd15"].folder == defaults.image.model
+    assert SOURCES["sd15-inpainting"].patterns == SOURCES["sd15"].patterns, "the same diffusers layout"
     assert SOURCES["whisper"].folder == defaults.speech.transcription_model
     assert SOURCES["voice"].folder == defaults.speech.voices_dir
     assert SOURCES["voice"].patterns[0].split("/")[-1].startswith(defaults.speech.voice)

@@ -21,7 +21,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_diffusion import TinyModel, build_sd15, build_sdxl, write_diffusers_lora, write_kohya_lora
+from tiny_diffusion import (
+    TinyModel,
+    build_inpainting,
+    build_sd15,
+    build_sdxl,
+    write_diffusers_lora,
+    write_kohya_lora,
+)
 
 import generator
 from chat import ChatService
@@ -855,3 +862,70 @@ def test_sdxl_does_img2img_inpainting_of_the_masked_area_and_a_latent_hires_fix(
     hires = ImageRequest(prompt=PROMPT, seed=2, steps=2, hires_scale=1.5, hires_upscaler="Latent (bicubic)")
     assert pixels(service, hires).shape == (96, 96, 3)
     assert load_count(service) == 1, "every workflow ran on the one loaded SDXL model"
+
+
+# -- dedicated inpainting checkpoints (a UNet that reads 9 channels: latents, mask, masked picture) ---------
+
+
+@pytest.fixture(scope="session")
+def inpainting_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
+    root = tmp_path_factory.mktemp("tiny-inpainting")
+    return {family: build_inpainting(root / family, family) for family in ("sd15", "sdxl")}
+
+
+def a_mask(box: tuple[int, int, int, int] = (0, 0, 32, 64), size: int = 64) -> Image.Image:
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, box)
+    return mask
+
+
+def test_masked_requests_go_to_the_inpainting_checkpoint_and_the_rest_to_the_selected_model(
+    tiny: Tiny, inpainting_models: dict[str, TinyModel], tmp_path: Path
+) -> None:
+    dedicated = inpainting_models["sd15"].folder
+    service = make_service(tiny, tiny.sd15.folder, tmp_path, inpainting_model=str(dedicated))
+    request = ImageRequest(prompt=PROMPT, seed=3, steps=3, init_image=a_picture(), mask=a_mask(), mask_blur=0)
+    painted = service.generate(request, save=False)
+    assert painted.model == "tiny-sd15-inpainting" and "Model: tiny-sd15-inpainting" in painted.images[0].parameters
+    with service._manager.acquire(service.load_spec(service.resolve_model(dedicated))) as loaded:
+        assert loaded.inpainting and loaded.pipe.unet.config.in_channels == 9
+    result = np.asarray(painted.images[0].image, dtype=np.int16)
+    original = np.asarray(a_picture(), dtype=np.int16)
+    assert np.array_equal(result[:, 32:], original[:, 32:]) and np.abs(result[:, :32] - original[:, :32]).mean() > 1
+    other_mask = pixels(service, dataclasses.replace(request, mask=a_mask((0, 0, 64, 32))))
+    assert not np.array_equal(other_mask, result), "the UNet reads the mask"
+    plain = service.generate(ImageRequest(prompt=PROMPT, seed=3, steps=2), save=False)
+    assert plain.model == "tiny-sd15", "text-to-image stays with the selected model"
+    base_inpainting = make_service(tiny, tiny.sd15.folder, tmp_path).generate(request, save=False)
+    assert not np.array_equal(np.asarray(base_inpainting.images[0].image, dtype=np.int16), result)
+
+
+def test_an_inpainting_checkpoint_that_is_not_there_leaves_inpainting_to_the_selected_model(
+    tiny: Tiny, tmp_path: Path
+) -> None:
+    service = make_service(tiny, tiny.sd15.folder, tmp_path, inpainting_model="sd-v1-5-inpainting")
+    request = ImageRequest(prompt=PROMPT, seed=3, steps=2, init_image=a_picture(), mask=a_mask())
+    result = service.generate(request, save=False)
+    assert result.model == "tiny-sd15"
+    assert any("sd-v1-5-inpainting (image.inpainting_model) is not there" in notice for notice in result.notices)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_an_inpainting_checkpoint_picked_as_the_model_makes_every_kind_of_picture(
+    tiny: Tiny, inpainting_models: dict[str, TinyModel], tmp_path: Path, family: str
+) -> None:
+    model = inpainting_models[family]
+    service = make_service(tiny, model.single_file, tmp_path)  # the single file: its UNet is read with 9 channels
+    assert service.resolve_model().inpainting
+    drawn = pixels(service, ImageRequest(prompt=PROMPT, seed=1, steps=2))
+    assert drawn.shape == (64, 64, 3) and drawn.std() > 0
+    near = pixels(service, ImageRequest(prompt=PROMPT, seed=1, steps=4, init_image=a_picture(), strength=0.25))
+    far = pixels(service, ImageRequest(prompt=PROMPT, seed=1, steps=4, init_image=a_picture(), strength=1.0))
+    start = np.asarray(a_picture(), dtype=np.int16)
+    assert np.abs(near - start).mean() < np.abs(far - start).mean(), "img2img starts from the picture"
+    hires = ImageRequest(prompt=PROMPT, seed=1, steps=2, hires_scale=1.5)
+    assert pixels(service, hires).shape == (96, 96, 3)
+    with pytest.raises(BadInputError, match="inpainting checkpoint: its hires fix works on the picture"):
+        service.generate(dataclasses.replace(hires, hires_upscaler="Latent"), save=False)
+    folder = make_service(tiny, model.folder, tmp_path)
+    assert np.array_equal(pixels(folder, ImageRequest(prompt=PROMPT, seed=1, steps=2)), drawn), "file = folder"

@@ -142,7 +142,9 @@ def test_the_inventory_lists_present_and_missing_models_with_where_and_how(
         manager=manager,
         chat=ChatService(manager, ChatSettings(), models / "mistral.gguf"),
         vision=VisionService(manager, VisionSettings(), models / "llava-1.5-7b-hf"),
-        images=ImageService(manager, ImageSettings(), models, device="cpu"),
+        images=ImageService(
+            manager, ImageSettings(inpainting_model="stable-diffusion-inpainting"), models, device="cpu"
+        ),
         transcriber=TranscriptionService(manager, SpeechSettings(), models),
         speaker=SpeechService(manager, SpeechSettings(), models),
     )
@@ -156,6 +158,8 @@ def test_the_inventory_lists_present_and_missing_models_with_where_and_how(
     assert not rows[("vision", "llava-1.5-7b-hf")].present
     image = rows[("image", "stable-diffusion-v1-5")]
     assert not image.present and str(models / "stable-diffusion-v1-5") in image.how_to_get
+    inpainting = rows[("image", "stable-diffusion-inpainting")]
+    assert not inpainting.present and "models download sd15-inpainting" in inpainting.how_to_get
     assert not [row for row in rows.values() if row.kind == "lora"]
     picker = lora_choices(services.images)
     assert picker["choices"] == [] and not picker["interactive"]

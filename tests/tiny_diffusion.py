@@ -118,16 +118,19 @@ def _unet(**shape: Any) -> Any:
     )
 
 
-def _sd15_pipeline(scratch: Path) -> Any:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+def _sd15_pipeline(scratch: Path, in_channels: int = 4) -> Any:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    return StableDiffusionPipeline(
+    # 9 input channels: a dedicated inpainting UNet (latents, mask, masked picture), saved as such.
+    cls = StableDiffusionPipeline if in_channels == 4 else StableDiffusionInpaintPipeline
+    return cls(
         unet=_unet(
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32,
             attention_head_dim=2,
+            in_channels=in_channels,
         ),
         vae=_vae(0.18215),
         text_encoder=CLIPTextModel(_text_config()),
@@ -139,11 +142,12 @@ def _sd15_pipeline(scratch: Path) -> Any:
     )
 
 
-def _sdxl_pipeline(scratch: Path) -> Any:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+def _sdxl_pipeline(scratch: Path, in_channels: int = 4) -> Any:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     unet = _unet(
+        in_channels=in_channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
@@ -154,7 +158,8 @@ def _sdxl_pipeline(scratch: Path) -> Any:
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=48 + 6 * 8,  # pooled text + six size/crop numbers
     )
-    return StableDiffusionXLPipeline(
+    cls = StableDiffusionXLPipeline if in_channels == 4 else StableDiffusionXLInpaintPipeline
+    return cls(
         unet=unet,
         vae=_vae(0.13025, force_upcast=True),
         text_encoder=CLIPTextModel(_text_config()),
@@ -182,6 +187,14 @@ def build_sdxl(root: Path, name: str = "tiny-sdxl", seed: int = 0) -> TinyModel:
     _quiet()
     torch.manual_seed(seed)
     return _save(_sdxl_pipeline(root / "scratch"), root, name, "sdxl")
+
+
+def build_inpainting(root: Path, family: str, seed: int = 0) -> TinyModel:
+    """A tiny dedicated inpainting checkpoint of ``family`` (its UNet reads 9 channels)."""
+    _quiet()
+    torch.manual_seed(seed)
+    make = _sd15_pipeline if family == "sd15" else _sdxl_pipeline
+    return _save(make(root / "scratch", in_channels=9), root, f"tiny-{family}-inpainting", family)
 
 
 def _save(pipe: Any, root: Path, name: str, family: str) -> TinyModel:
