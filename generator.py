@@ -193,7 +193,9 @@ class ImageService:
         self._hashes: dict[tuple[Path, int, int], str] = {}
         self._cache_lock = threading.Lock()
         self._selected: Path | None = None  # a checkpoint picked on the Models page, instead of image.model
-        manager.register_loader("image", Loader(load=load_image_pipeline, estimate_bytes=self._estimate_bytes))
+        manager.register_loader(
+            "image", Loader(load=load_image_pipeline, estimate_bytes=self._estimate_bytes, on_compute_thread=True)
+        )
 
     # -- where things are -------------------------------------------------
 
@@ -429,7 +431,8 @@ class ImageService:
         try:
             with self._manager.acquire(spec, cancel=cancel) as loaded:
                 job = _Job(loaded, spec, plan, steps, cancel, notices)
-                cancelled = self._generate_all(job, model, loras, images, save)
+                compute = self._manager.compute_thread(spec.device)  # where the device's torch work runs
+                cancelled = compute.call(lambda: self._generate_all(job, model, loras, images, save))
         except RequestCancelledError:  # stopped while waiting for the model: nothing was generated
             cancelled = True
         seconds = time.perf_counter() - started

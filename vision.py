@@ -3,7 +3,8 @@
 The service picks the precision and device (4-bit on a CUDA GPU, full precision on
 the CPU, with a visible notice), borrows the model from the model manager (kind
 "vision"), builds the prompt with the processor's chat template, the image attached
-to the first user turn, and streams the answer while ``generate`` runs in a worker thread.
+to the first user turn, and streams the answer while ``generate`` runs on the device's compute
+thread (the model manager's ``ComputeThread``).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from errors import (
     TooLargeError,
 )
 from media.images import ImageSource, load_image
-from model_manager import CatalogEntry, LoadedModel, Loader, LoadSpec, ModelManager
+from model_manager import CatalogEntry, ComputeThread, LoadedModel, Loader, LoadSpec, ModelManager
 from settings import VisionSettings
 from text_generation.context import fit_to_context
 from text_generation.conversation import SYSTEM_ROLES, accepts_system_role, normalise
+from text_generation.detokenizer import IncrementalDetokenizer, TokenHandOff
 from text_generation.stream import GenerationParams, Message, TextStream
 
 log = logging.getLogger(__name__)
@@ -302,6 +304,8 @@ class _Run:
 
     sequences: Any = None
     error: BaseException | None = None
+    prompt_length: int = 0
+    max_new_tokens: int = 0
 
 
 # ----------------------------------------------------------------------------
@@ -324,7 +328,9 @@ class VisionService:
         self._model_path = model_path
         self._placement = choose_placement(settings.precision, cuda_available(), bitsandbytes_available())
         self.defaults = GenerationParams.from_defaults(settings.defaults)  # type: ignore[arg-type]
-        manager.register_loader("vision", Loader(load=load_vision_model, estimate_bytes=estimate_model_bytes))
+        manager.register_loader(
+            "vision", Loader(load=load_vision_model, estimate_bytes=estimate_model_bytes, on_compute_thread=True)
+        )
         if self._placement.notice:
             log.info(self._placement.notice)
 
@@ -384,9 +390,12 @@ class VisionService:
             spec = self.load_spec()
             try:
                 with self._manager.acquire(spec, cancel=cancel) as model:
-                    inputs, max_new_tokens = self._fit(model, picture, system, turns, params, stream)
-                    arguments = generation_arguments(params, max_new_tokens)
-                    yield from self._generate(model, inputs, arguments, params.stop, seed, cancel, stream)
+                    compute = self._manager.compute_thread(spec.device)
+
+                    def prepare() -> tuple[Any, int]:
+                        return self._fit(model, picture, system, turns, params, stream)
+
+                    yield from self._generate(model, compute, prepare, params, seed, cancel, stream)
             except RequestCancelledError:  # stopped while waiting for the model: nothing was generated
                 stream.finish_reason = "cancelled"
 
@@ -454,43 +463,46 @@ class VisionService:
     def _generate(
         self,
         model: LoadedVisionModel,
-        inputs: Any,
-        arguments: dict[str, Any],
-        stops: Sequence[str],
+        compute: ComputeThread,
+        prepare: Callable[[], tuple[Any, int]],
+        params: GenerationParams,
         seed: int,
         cancel: threading.Event | None,
         stream: TextStream,
     ) -> Iterator[str]:
+        """Prepare the inputs and run ``generate`` on the device's compute thread; this thread
+        decodes the new tokens as they pile up and yields the text."""
         import torch
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteriaList
 
         stop = threading.Event()  # set when the consumer leaves or a stop string shows up
-        streamer = TextIteratorStreamer(model.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        hand_off = TokenHandOff()
         criteria = StoppingCriteriaList([_stop_when_set(stop, cancel)])
         run = _Run()
 
         def work() -> None:
             try:
-                # OpenMP keeps its thread count per thread: without this a worker thread ignores
-                # torch.set_num_threads, and oneDNN convolutions slow down a hundredfold under load.
-                torch.set_num_threads(torch.get_num_threads())
                 torch.manual_seed(seed)  # the manager lends a model to one request at a time
+                inputs, max_new_tokens = prepare()
+                run.prompt_length, run.max_new_tokens = int(inputs["input_ids"].shape[1]), max_new_tokens
+                arguments = generation_arguments(params, max_new_tokens)
                 run.sequences = model.model.generate(
-                    **inputs, **arguments, streamer=streamer, stopping_criteria=criteria
+                    **inputs, **arguments, streamer=hand_off, stopping_criteria=criteria
                 )
             except BaseException as error:
                 run.error = error
-                streamer.end()  # wake the consumer
+            finally:
+                hand_off.end()  # wake the consumer
 
-        worker = threading.Thread(target=work, name="vision-generate", daemon=True)
-        worker.start()
+        working = compute.submit(work)
+        text = IncrementalDetokenizer(model.processor.tokenizer)
         pending = ""
         try:
-            for piece in streamer:
+            for batch in hand_off.batches():
                 if cancel is not None and cancel.is_set():
                     stream.finish_reason = "cancelled"
                     break
-                shown, pending, stopped = release_text(pending + piece, stops)
+                shown, pending, stopped = release_text(pending + text.add(batch), params.stop)
                 if shown:
                     yield shown
                 if stopped:
@@ -501,7 +513,8 @@ class VisionService:
                     yield pending
         finally:
             stop.set()  # ends generate at the next token when the consumer stopped early
-            worker.join()
+            if not working.cancel():  # not started yet: it never will; else wait for it to end
+                working.result()
         if run.error is not None:
             if isinstance(run.error, MemoryError) or "out of memory" in str(run.error).lower():
                 raise OutOfMemoryError(
@@ -509,10 +522,10 @@ class VisionService:
                     "or set vision.precision to 4bit in config.yaml to free memory"
                 ) from run.error
             raise run.error
-        generated = run.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        generated = run.sequences[0, run.prompt_length :].tolist()
         stream.completion_tokens = len(generated)
         if stream.finish_reason is None:
-            stream.finish_reason = finish_reason(model, generated, arguments["max_new_tokens"], cancel)
+            stream.finish_reason = finish_reason(model, generated, run.max_new_tokens, cancel)
 
 
 def finish_reason(

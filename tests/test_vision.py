@@ -491,3 +491,31 @@ def test_chat_and_vision_swap_one_at_a_time(tiny_llava: Path, embedded_model: Pa
     assert status.load_counts == {chat_label: 2, vision_label: 1}
     manager.close()
     assert manager.status().resident == ()
+
+
+def test_loading_preprocessing_and_generating_run_on_the_devices_compute_thread(
+    tiny_llava: Path, picture: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Torch work spread over threads keeps several OpenMP teams, which slowed decoding 2-3 times.
+    from transformers import LlavaForConditionalGeneration
+
+    seen: dict[str, set[str]] = {"load": set(), "generate": set()}
+    load, generate = LlavaForConditionalGeneration.from_pretrained, LlavaForConditionalGeneration.generate
+
+    def recorded_load(*args: Any, **kwargs: Any) -> Any:
+        seen["load"].add(threading.current_thread().name)
+        return load(*args, **kwargs)
+
+    def recorded_generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen["generate"].add(threading.current_thread().name)
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", recorded_load)
+    monkeypatch.setattr(LlavaForConditionalGeneration, "generate", recorded_generate)
+    manager = ModelManager(keep_alive_s=-1)
+    service = make_service(tiny_llava, manager)
+    assert service.stream(picture, ask("What is in this image?"), GREEDY).text()
+    compute = {manager.compute_thread("cpu").call(lambda: threading.current_thread().name)}
+    assert seen["load"] == compute and seen["generate"] == compute
+    assert threading.current_thread().name not in compute
+    manager.close()
