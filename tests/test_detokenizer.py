@@ -31,9 +31,7 @@ def tokenizer(style: str) -> PreTrainedTokenizerFast:
         backend.pre_tokenizer = pre_tokenizers.Metaspace()
         backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Metaspace()])
         alphabet = [f"<0x{b:02X}>" for b in range(256)]
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=alphabet
-    )
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=alphabet)
     backend.train_from_iterator([" ".join(TEXTS[:1]) * 3, "hello world over and over"], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
