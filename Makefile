@@ -60,12 +60,8 @@ format: $(TEST_STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-bench: $(APP_STAMP)
-	$(PY) bench/chat.py
-	$(PY) bench/api.py
-	$(PY) bench/vision.py
-	$(PY) bench/generate.py
-	$(PY) bench/voice.py
+bench: $(TEST_STAMP)
+	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

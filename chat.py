@@ -225,7 +225,9 @@ class ChatService:
         self._gpu_offload = gpu_offload
         self._announced_fallback = False
         self.defaults = GenerationParams.from_defaults(settings.defaults)
-        manager.register_loader("chat", Loader(load=load_chat_model, estimate_bytes=self._estimate_bytes))
+        manager.register_loader(
+            "chat", Loader(load=load_chat_model, estimate_bytes=self._estimate_bytes, on_compute_thread=True)
+        )
 
     @property
     def models_dir(self) -> Path:
@@ -366,8 +368,10 @@ class ChatService:
             spec = self.load_spec(resolved.path)
             try:
                 with self._manager.acquire(spec, cancel=cancel) as model:
-                    yield from self._generate(
-                        model, system, turns, params, seed, cancel, stream, constraint, continuing
+                    yield from self._manager.compute_thread(spec).stream(
+                        lambda: self._generate(
+                            model, system, turns, params, seed, cancel, stream, constraint, continuing
+                        )
                     )
             except RequestCancelledError:  # stopped while waiting for the model: nothing was generated
                 stream.finish_reason = "cancelled"
@@ -392,8 +396,11 @@ class ChatService:
         with self._manager.borrow_if_idle(spec) as model:
             if model is None:
                 return None
+            compute = self._manager.compute_thread(spec)
             stream = TextStream(
-                lambda s: self._generate(model, system, turns, params, max(params.seed, 0), None, s, constraint)
+                lambda s: compute.stream(
+                    lambda: self._generate(model, system, turns, params, max(params.seed, 0), None, s, constraint)
+                )
             )
             return stream.text()
 

@@ -431,7 +431,7 @@ class ImageService:
         try:
             with self._manager.acquire(spec, cancel=cancel) as loaded:
                 job = _Job(loaded, spec, plan, steps, cancel, notices)
-                compute = self._manager.compute_thread(spec.device)  # where the device's torch work runs
+                compute = self._manager.compute_thread(spec)  # where the model's torch work runs
                 cancelled = compute.call(lambda: self._generate_all(job, model, loras, images, save))
         except RequestCancelledError:  # stopped while waiting for the model: nothing was generated
             cancelled = True

@@ -96,18 +96,20 @@ class Loader:
     load: Callable[[LoadSpec], LoadedModel]
     # Bytes the model will need once loaded; raises ModelMissingError for absent files.
     estimate_bytes: Callable[[LoadSpec], int]
-    # PyTorch models load on their device's compute thread, where their work runs too (ComputeThread).
+    # Models whose work runs on a compute thread (PyTorch, llama.cpp: OpenMP) load there too.
     on_compute_thread: bool = False
 
 
 class ComputeThread:
-    """One long-lived thread that runs a device's PyTorch work: loads, preprocessing, forward passes.
+    """One long-lived thread that runs model work: loads, preprocessing, forward passes, decoding.
 
-    PyTorch's CPU threads are OpenMP teams, one per calling thread, kept for the thread's life. With a
-    second team alive in another thread (one that loaded a model, say) each runs at a fraction of its
-    speed: LLaVA decoding measured 2-3 times slower on two cores. Doing all torch work of a device on
-    one thread keeps one team. The model manager lends a model to one request at a time, so little
-    is lost by queueing here; a task submitted from this thread itself runs at once.
+    PyTorch and llama.cpp run their CPU threads as OpenMP teams (one process-wide libgomp), one team
+    per calling thread, kept for the thread's life. Once the teams together have more threads than
+    there are cores, libgomp stops spinning at its barriers and every parallel step pays for waking
+    threads: measured on two cores, LLaVA decoding ran 2-3 times slower and llama.cpp chat 3.6 times
+    slower (80 to 22 tokens/s) after a second thread had used torch. Running the work of all models
+    on one thread keeps one team. The model manager lends a model to one request at a time, so little
+    is lost by queueing here; work submitted from this thread itself runs at once.
     """
 
     def __init__(self, name: str) -> None:
@@ -132,6 +134,58 @@ class ComputeThread:
     def call(self, work: Callable[[], Any]) -> Any:
         """Run ``work`` on this thread and return its result (or raise its error)."""
         return self.submit(work).result()
+
+    def stream(self, make: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+        """The items of the iterator ``make()`` returns, produced on this thread and handed over as
+        they come. Leaving early stops the producer after its current item, and waits for it: the
+        model it uses is only given back once it is done."""
+        if threading.get_ident() == self._ident:
+            yield from make()
+            return
+        items: deque[Any] = deque()
+        changed = threading.Condition()
+        state = {"done": False, "leaving": False, "error": None}
+
+        def produce() -> None:
+            try:
+                iterator = make()
+                try:
+                    for item in iterator:
+                        with changed:
+                            items.append(item)
+                            changed.notify()
+                            if state["leaving"]:
+                                break
+                finally:
+                    close = getattr(iterator, "close", None)
+                    if close is not None:
+                        close()
+            except BaseException as error:
+                state["error"] = error
+            finally:
+                with changed:
+                    state["done"] = True
+                    changed.notify()
+
+        producing = self.submit(produce)
+        try:
+            while True:
+                with changed:
+                    while not items and not state["done"]:
+                        changed.wait()
+                    batch = list(items)
+                    items.clear()
+                    done = state["done"]
+                yield from batch
+                if done:
+                    break
+        finally:
+            with changed:
+                state["leaving"] = True
+            if not producing.cancel():  # not started: it never will; else let it finish
+                producing.result()
+        if state["error"] is not None:
+            raise state["error"]  # type: ignore[misc]
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -417,12 +471,15 @@ class ModelManager:
     def has_device(self, name: str) -> bool:
         return name in self._devices
 
-    def compute_thread(self, device: str) -> ComputeThread:
-        """The thread that runs ``device``'s PyTorch work (one per device, started on first use)."""
+    def compute_thread(self, spec: LoadSpec) -> ComputeThread:
+        """The thread that runs the model's work (started on first use). On the CPU one thread runs
+        every model's (their OpenMP threads then form one team); on a GPU one per kind of model, so
+        co-resident models still run side by side."""
+        key = spec.device if spec.device == "cpu" else f"{spec.device}-{spec.kind}"
         with self._cond:
-            thread = self._compute_threads.get(device)
+            thread = self._compute_threads.get(key)
             if thread is None:
-                thread = self._compute_threads[device] = ComputeThread(f"compute-{device}")
+                thread = self._compute_threads[key] = ComputeThread(f"compute-{key}")
             return thread
 
     def register_loader(self, kind: str, loader: Loader) -> None:
@@ -715,7 +772,7 @@ class ModelManager:
         try:
             loader = self._loaders[spec.kind]
             if loader.on_compute_thread:
-                loaded = self.compute_thread(spec.device).call(lambda: loader.load(spec))
+                loaded = self.compute_thread(spec).call(lambda: loader.load(spec))
             else:
                 loaded = loader.load(spec)
         except AppError:

@@ -390,7 +390,7 @@ class VisionService:
             spec = self.load_spec()
             try:
                 with self._manager.acquire(spec, cancel=cancel) as model:
-                    compute = self._manager.compute_thread(spec.device)
+                    compute = self._manager.compute_thread(spec)
 
                     def prepare() -> tuple[Any, int]:
                         return self._fit(model, picture, system, turns, params, stream)

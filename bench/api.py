@@ -33,6 +33,8 @@ from main import build_services
 from settings import ServerSettings, load_settings
 from text_generation.stream import GenerationParams
 
+from rows import Row, write_rows
+
 PROMPT = [{"role": "user", "content": "Explain how a lighthouse works."}]
 
 
@@ -50,6 +52,7 @@ def main() -> None:
         "--threads", type=int, default=None, help="llama.cpp threads (default: physical cores); fewer leaves a "
         "core for the HTTP server and client, which otherwise compete with generation on a small machine",
     )  # fmt: skip
+    parser.add_argument("--json", type=Path, help="also write the figures here (for bench/run.py)")
     args = parser.parse_args()
 
     settings = load_settings(None)
@@ -115,6 +118,13 @@ def main() -> None:
     print(f"added latency (HTTP - direct, median): {(http - direct) * 1000:.1f} ms")
     print(f"streaming: direct {direct_tps:.1f} tokens/s, HTTP {http_tps:.1f} tokens/s")
     print(f"streaming throughput ratio (target >= 0.97): {http_tps / direct_tps:.3f}")
+    write_rows(
+        args.json,
+        [
+            Row(f"API streaming tokens/s vs chat.py ({name})", "tokens/s", direct_tps, http_tps, minimum=0.97),
+            Row(f"API non-streamed request vs chat.py ({name})", "s", direct, http, higher_is_better=False),
+        ],
+    )
     server.should_exit = True
     services.manager.close()
 

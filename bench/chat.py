@@ -24,6 +24,8 @@ from text_generation.stream import GenerationParams
 from model_manager import GIB, ModelManager, detect_devices
 from settings import ChatSettings
 
+from rows import Row, write_rows
+
 QUESTIONS = [
     "Explain how a lighthouse works.",
     "Describe the water cycle in simple words.",
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--json", type=Path, help="also write the figures here (for bench/run.py)")
     args = parser.parse_args()
     model_path = args.model or find_embedded_model()
     if model_path is None:
@@ -116,6 +119,14 @@ def main() -> None:
     raw_tps, ours_tps = median("raw", "tps"), median("ours", "tps")
     print(f"{'tokens/s':16}{raw_tps:16.1f}{ours_tps:12.1f}{ours_tps / raw_tps:10.3f}")
     print(f"throughput ratio (target >= 0.97): {ours_tps / raw_tps:.3f}")
+    model_name = f"{model_path.stem}, {threads} threads"
+    write_rows(
+        args.json,
+        [
+            Row(f"chat tokens/s ({model_name})", "tokens/s", raw_tps, ours_tps, minimum=0.97),
+            Row(f"chat first token ({model_name})", "s", raw_ttft, ours_ttft, higher_is_better=False, maximum=1.1),
+        ],
+    )
     raw.close()
     manager.close()
 

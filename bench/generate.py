@@ -36,6 +36,9 @@ from stable_diffusion.models import ImageModel
 from stable_diffusion.pipeline import make_scheduler
 from settings import ImageDefaults, ImageSettings
 
+from PIL.PngImagePlugin import PngInfo
+from rows import Row, write_rows
+
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
 
@@ -54,13 +57,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: 20 (tiny model 20, SDXL-Turbo 1)")
     parser.add_argument("--size", type=int, default=None, help="width and height (default: 512, tiny 128)")
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="euler_a")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the tiny model, else torch's)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", type=Path, help="also write the figures here (for bench/run.py)")
     args = parser.parse_args()
-    threads = args.threads or (1 if args.model is None else None)
-    if threads:
+    if args.threads:
         import torch
 
-        torch.set_num_threads(threads)  # one thread: least disturbed by other processes on a shared machine
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as scratch:
         model, config_dirs, tiny = args.model, None, args.model is None
@@ -112,14 +115,17 @@ def bench(service: ImageService, manager: ModelManager, args: argparse.Namespace
     steps = args.steps or (1 if resolved.family == "sdxl_turbo" else 20)
     guidance = 0.0 if resolved.family == "sdxl_turbo" else 7.0
     request = ImageRequest(PROMPT, steps=steps, guidance=guidance, seed=1)
+    # Both sides run on the app's compute thread: torch work on a second thread would slow both.
+    compute = manager.compute_thread(service.load_spec(resolved))
     started = time.perf_counter()
-    pipe = plain_pipeline(resolved, service.device)
+    pipe = compute.call(lambda: plain_pipeline(resolved, service.device))
     raw_load = time.perf_counter() - started
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, resolved.family)
+    saved = Path(tempfile.mkdtemp())
 
-    def plain() -> Any:
+    def plain() -> Any:  # and the PNG the app always writes, with its parameters text
         generator = torch.Generator("cpu").manual_seed(1)
-        return pipe(
+        image = pipe(
             prompt=PROMPT,
             width=size,
             height=size,
@@ -128,22 +134,26 @@ def bench(service: ImageService, manager: ModelManager, args: argparse.Namespace
             generator=generator,
             output_type="pil",
         ).images[0]
+        info = PngInfo()
+        info.add_text("parameters", PROMPT)
+        image.save(saved / "plain.png", pnginfo=info)
+        return image
 
     def ours() -> Any:
-        return service.generate(request, save=False).images[0].image
+        return service.generate(request).images[0].image
 
     sides: dict[str, Callable[[], Any]] = {"diffusers": plain, "generator.py": ours}
     times: dict[str, list[float]] = {name: [] for name in sides}
     last: dict[str, Any] = {}
     for _ in range(args.warmup):
         for run in sides.values():
-            run()
+            compute.call(run)
     for index in range(args.runs):
         order = list(sides.items())
         if index % 2:
             order.reverse()  # alternate who goes first so drift hits both sides alike
         for name, run in order:
-            seconds, last[name] = timed(run)
+            seconds, last[name] = timed(lambda run=run: compute.call(run))
             times[name].append(seconds)
     ours_load = manager.status().resident[0].load_seconds
     same = np.array_equal(np.asarray(last["diffusers"]), np.asarray(last["generator.py"]))
@@ -160,14 +170,19 @@ def bench(service: ImageService, manager: ModelManager, args: argparse.Namespace
     best = min(times["generator.py"]) / min(times["diffusers"])
     print(f"overhead (target <= 2%): median {100 * (ours_s / raw_s - 1):+.2f}%, fastest run {100 * (best - 1):+.2f}%")
     print(f"same pixels from both: {'yes' if same else 'NO'}")
-    workflows(service, pipe, args, size, steps, guidance)
+    rows = [
+        Row(f"image s/image +PNG ({resolved.name}, {size}px, {steps} steps)", "s", raw_s, ours_s, False, None, 1.02),
+        Row("image: same pixels as diffusers (1 = yes)", "same", None, float(same), minimum=1),
+    ]
+    rows += workflows(service, pipe, args, size, steps, guidance)
+    write_rows(args.json, rows)
     if tiny or service.device == "cpu":
         print("note: absolute times only count on a GPU with real weights; the tiny model measures overhead only")
 
 
 def workflows(
     service: ImageService, pipe: Any, args: argparse.Namespace, size: int, steps: int, guidance: float
-) -> None:
+) -> list[Row]:
     """img2img, inpainting and the hires fix: generator.py against diffusers' own pipelines built with
     from_pipe on the same weights, doing the same work at the same seed."""
     import torch
@@ -231,6 +246,7 @@ def workflows(
         ),
     }
     print(f"{'':18}{'diffusers':>12}{'generator.py':>14}{'ratio':>9}  same pixels")
+    rows: list[Row] = []
     for name, (plain, request) in cases.items():
         sides: dict[str, Callable[[], Any]] = {
             "diffusers": plain,
@@ -238,18 +254,22 @@ def workflows(
         }
         times: dict[str, list[float]] = {side: [] for side in sides}
         last: dict[str, Any] = {}
+        compute = service._manager.compute_thread(service.load_spec(service.resolve_model()))
         for run in sides.values():
-            run()  # warm
+            compute.call(run)  # warm
         for index in range(max(3, args.runs // 2)):
             order = list(sides.items())
             if index % 2:
                 order.reverse()
             for side, run in order:
-                seconds, last[side] = timed(run)
+                seconds, last[side] = timed(lambda run=run, compute=compute: compute.call(run))
                 times[side].append(seconds)
         raw, ours = statistics.median(times["diffusers"]), statistics.median(times["generator.py"])
         same = np.array_equal(np.asarray(last["diffusers"]), np.asarray(last["generator.py"]))
         print(f"{name + ' (s)':18}{raw:12.4f}{ours:14.4f}{ours / raw:9.3f}  {'yes' if same else 'NO'}")
+        rows.append(Row(f"image {name} s/image", "s", raw, ours, False, maximum=1.03))
+        rows.append(Row(f"image {name}: same pixels (1 = yes)", "same", None, float(same), minimum=1))
+    return rows
 
 
 if __name__ == "__main__":

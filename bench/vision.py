@@ -41,6 +41,8 @@ from settings import VisionSettings
 from text_generation.stream import GenerationParams
 from vision import VisionService, precision_arguments
 
+from rows import Row, write_rows
+
 QUESTIONS = [
     "What is in this image?",
     "Describe the colours in this picture.",
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "4bit", "8bit", "fp16", "bf16", "fp32"])
     parser.add_argument("--threads", type=int, default=physical_cores(), help="torch CPU threads")
     parser.add_argument("--hidden", type=int, default=768, help="width of the random model built without --model")
+    parser.add_argument("--json", type=Path, help="also write the figures here (for bench/run.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
@@ -105,7 +108,7 @@ def run(folder: Path, args: argparse.Namespace) -> None:
         gc.collect()
         return seconds, processor
 
-    raw_load, processor = manager.compute_thread(device).call(raw_load_here)
+    raw_load, processor = manager.compute_thread(spec).call(raw_load_here)
 
     ours_load, results = compare(vision, manager, processor, image, params, args.runs)
     raw_tps, ours_tps = (statistics.median(results[name]["tps"]) for name in ("raw", "ours"))
@@ -121,6 +124,8 @@ def run(folder: Path, args: argparse.Namespace) -> None:
     print(f"{'tokens/s':18}{raw_tps:14.1f}{ours_tps:12.1f}{ours_tps / raw_tps:10.3f}")
     print(f"{'overhead/token (ms)':18}{'':14}{(1 / ours_tps - 1 / raw_tps) * 1000:12.3f}")
     print(f"throughput ratio (target >= 0.97): {ours_tps / raw_tps:.3f}")
+    label = f"{folder.name}, {precision}, {torch.get_num_threads()} threads"
+    write_rows(args.json, [Row(f"vision tokens/s ({label})", "tokens/s", raw_tps, ours_tps, minimum=0.97)])
     manager.close()
 
 
@@ -138,7 +143,7 @@ def compare(
     with manager.acquire(vision.load_spec()) as loaded:
         model = loaded.model
 
-    compute = manager.compute_thread(vision.load_spec().device)
+    compute = manager.compute_thread(vision.load_spec())
 
     def raw(question: str) -> tuple[int, float, float]:
         # On the thread where the app runs its torch work: a second thread running torch would slow

@@ -37,6 +37,8 @@ from settings import ChatSettings, SpeechSettings
 from speech_to_text import TranscriptionService, find_embedded_whisper
 from text_to_speech import SpeechService, find_embedded_voice, read_voice, speak_as_written
 
+from rows import Row, write_rows
+
 SENTENCES = [
     "The lighthouse keeper climbed the stairs every evening.",
     "Ships passed the rocks safely because of the bright lamp.",
@@ -75,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the figures here (for bench/run.py)")
     args = parser.parse_args()
     whisper_folder, voice_path, chat_path = find_embedded_whisper(), find_embedded_voice(), find_embedded_model()
     if whisper_folder is None or voice_path is None or chat_path is None:
@@ -140,9 +143,16 @@ def main() -> None:
     print(f"{'synthesis real-time factor':34}{raw_s / spoken_seconds:>10.3f}{our_s / spoken_seconds:>10.3f}"
           f"{raw_s / our_s:>10.3f}")  # fmt: skip
     print("a voice turn, median seconds     transcript  1st token  1st audio (all from the end of speech)")
+    rows = [
+        Row("transcription real-time factor (Whisper tiny.en, VAD)", "RTF", raw_rtf, our_rtf, False, maximum=1.03),
+        Row("synthesis real-time factor (Piper joe-medium)", "RTF", raw_s / spoken_seconds, our_s / spoken_seconds,
+            False, maximum=1.03),
+    ]  # fmt: skip
     for policy, measured in turns.items():
         heard, first_token, first_audio = (statistics.median(t[i] for t in measured) for i in range(3))
         print(f"  {policy:31}{heard:>10.2f}{first_token:>11.2f}{first_audio:>11.2f}")
+        rows.append(Row(f"voice turn: end of speech to first audio, {policy}", "s", None, first_audio, False))
+    write_rows(args.json, rows)
 
 
 def voice_turns(policy: str, chat_path: Path, question: Path, args: argparse.Namespace) -> list[tuple[float, ...]]:

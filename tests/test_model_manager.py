@@ -1818,3 +1818,83 @@ def test_stress_two_devices_with_random_cancels(policy: str) -> None:
     unloads = sum(t.action == "unload" for t in status.history)
     assert loads == sum(status.load_counts.values()) == sum(h.loader.loads.values())
     assert loads - unloads == len(status.resident)
+
+
+# -- the compute thread ----------------------------------------------------------------------------------
+
+
+def test_a_compute_thread_streams_items_in_order_and_passes_errors_on() -> None:
+    from model_manager import ComputeThread
+
+    compute = ComputeThread("test")
+    caller = threading.current_thread().name
+    seen: list[str] = []
+
+    def numbers() -> Iterator[int]:
+        for number in range(50):
+            seen.append(threading.current_thread().name)
+            yield number
+
+    assert list(compute.stream(numbers)) == list(range(50))
+    assert set(seen) != {caller} and len(set(seen)) == 1, "produced on the compute thread"
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise ValueError("broken model")
+
+    with pytest.raises(ValueError, match="broken model"):
+        list(compute.stream(failing))
+    # Work submitted from the compute thread itself runs at once instead of waiting for itself.
+    assert compute.call(lambda: compute.call(lambda: 7)) == 7
+    compute.close()
+
+
+def test_leaving_a_compute_stream_early_stops_the_producer_before_returning() -> None:
+    from model_manager import ComputeThread
+
+    compute = ComputeThread("test")
+    produced: list[int] = []
+    closed = threading.Event()
+
+    def endless() -> Iterator[int]:
+        try:
+            number = 0
+            while True:
+                produced.append(number)
+                yield number
+                number += 1
+                time.sleep(0.001)
+        finally:
+            closed.set()
+
+    items = compute.stream(endless)
+    assert [next(items) for _ in range(3)] == [0, 1, 2]
+    items.close()  # the consumer leaves (a client disconnected, a stop string)
+    assert closed.is_set(), "the producer was closed before the consumer went on (the model is given back after)"
+    count = len(produced)
+    time.sleep(0.05)
+    assert len(produced) == count, "nothing more was produced"
+    compute.close()
+
+
+def test_models_whose_loader_asks_for_it_load_on_their_compute_thread() -> None:
+    threads: dict[str, str] = {}
+
+    def load(spec: LoadSpec) -> LoadedModel:
+        threads[spec.kind] = threading.current_thread().name
+        return LoadedModel(model=object(), reported_bytes=1)
+
+    manager = ModelManager(keep_alive_s=-1)
+    manager.register_loader("torch", Loader(load=load, estimate_bytes=lambda spec: 1, on_compute_thread=True))
+    manager.register_loader("plain", Loader(load=load, estimate_bytes=lambda spec: 1))
+    torch_spec, plain_spec = LoadSpec.of("torch", "/a", device="cpu"), LoadSpec.of("plain", "/b", device="cpu")
+    with manager.acquire(torch_spec):
+        pass
+    with manager.acquire(plain_spec):
+        pass
+    compute = manager.compute_thread(torch_spec).call(lambda: threading.current_thread().name)
+    assert threads == {"torch": compute, "plain": threading.current_thread().name}
+    assert manager.compute_thread(plain_spec) is manager.compute_thread(torch_spec), "one thread for the CPU"
+    gpu = LoadSpec.of("torch", "/a", device="cuda")
+    assert manager.compute_thread(gpu) is not manager.compute_thread(LoadSpec.of("plain", "/b", device="cuda"))
+    manager.close()

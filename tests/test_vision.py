@@ -515,7 +515,7 @@ def test_loading_preprocessing_and_generating_run_on_the_devices_compute_thread(
     manager = ModelManager(keep_alive_s=-1)
     service = make_service(tiny_llava, manager)
     assert service.stream(picture, ask("What is in this image?"), GREEDY).text()
-    compute = {manager.compute_thread("cpu").call(lambda: threading.current_thread().name)}
+    compute = {manager.compute_thread(service.load_spec()).call(lambda: threading.current_thread().name)}
     assert seen["load"] == compute and seen["generate"] == compute
     assert threading.current_thread().name not in compute
     manager.close()
