@@ -1,6 +1,8 @@
 """Chat throughput: chat.py against raw llama-cpp-python on the same model, in one run.
 
-Both sides get the same rendered prompts, the same threads and greedy sampling.
+Both sides get the same rendered prompts, the same threads and greedy sampling, on the same
+thread (the app's compute thread: the raw side runs and reads its stream there; the app hands
+pieces from there to the caller).
 Prints time to first token, tokens/s and their ratios (ours / raw); ratios are what
 carry across machines. Usage: python bench/chat.py [--model FILE.gguf] [--runs N]
 """
@@ -68,13 +70,15 @@ def main() -> None:
     spec = chat.load_spec(model_path)
 
     started = time.perf_counter()
-    raw = Llama(
-        model_path=str(model_path),
-        n_ctx=args.context,
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_gpu_layers=spec.option("gpu_layers"),
-        verbose=False,
+    raw = manager.compute_thread(spec).call(
+        lambda: Llama(
+            model_path=str(model_path),
+            n_ctx=args.context,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_gpu_layers=spec.option("gpu_layers"),
+            verbose=False,
+        )
     )
     raw_load = time.perf_counter() - started
     with manager.acquire(spec) as model:
@@ -94,8 +98,11 @@ def main() -> None:
         return iter(chat.stream(ask(question), params, system_prompt="You are a helpful assistant."))
 
     results: dict[str, dict[str, list[float]]] = {"raw": {"ttft": [], "tps": []}, "ours": {"ttft": [], "tps": []}}
+    # The app runs llama.cpp on its compute thread; llama.cpp run on a second thread would slow both
+    # sides (two OpenMP teams on the same cores), so the raw side runs there too.
+    compute = manager.compute_thread(spec)
     for question in QUESTIONS[:2]:  # warm-up
-        timed(raw_stream(question))
+        compute.call(lambda question=question: timed(raw_stream(question)))
         timed(ours_stream(question))
     for run in range(args.runs):
         question = QUESTIONS[run % len(QUESTIONS)]
@@ -103,7 +110,10 @@ def main() -> None:
         if run % 2:
             order.reverse()  # alternate who goes first so drift hits both sides alike
         for name, stream in order:
-            first, total, text = timed(stream(question))
+            if name == "raw":  # consumed on the compute thread itself: no hand-off between threads
+                first, total, text = compute.call(lambda stream=stream, question=question: timed(stream(question)))
+            else:
+                first, total, text = timed(stream(question))
             tokens = len(raw.tokenize(text.encode("utf-8"), add_bos=False))
             results[name]["ttft"].append(first)
             results[name]["tps"].append(tokens / total)
@@ -120,15 +130,99 @@ def main() -> None:
     print(f"{'tokens/s':16}{raw_tps:16.1f}{ours_tps:12.1f}{ours_tps / raw_tps:10.3f}")
     print(f"throughput ratio (target >= 0.97): {ours_tps / raw_tps:.3f}")
     model_name = f"{model_path.stem}, {threads} threads"
-    write_rows(
-        args.json,
-        [
-            Row(f"chat tokens/s ({model_name})", "tokens/s", raw_tps, ours_tps, minimum=0.97),
-            Row(f"chat first token ({model_name})", "s", raw_ttft, ours_ttft, higher_is_better=False, maximum=1.1),
-        ],
-    )
+    rows = [
+        Row(f"chat tokens/s ({model_name})", "tokens/s", raw_tps, ours_tps, minimum=0.97),
+        Row(f"chat first token ({model_name})", "s", raw_ttft, ours_ttft, higher_is_better=False, maximum=1.1),
+    ]
+    rows += later_turns(chat, args)
+    rows += several_clients(chat)
+    write_rows(args.json, rows)
     raw.close()
     manager.close()
+
+
+def later_turns(chat: ChatService, args: argparse.Namespace) -> list[Row]:
+    """Time to first token on turn 10 of a conversation, and for a repeated request: the app keeps
+    the evaluated prompt in llama.cpp's cache while the model stays loaded, so only the new message
+    is evaluated. The other side is the same prompt evaluated afresh (the model's cache cleared)."""
+    params = GenerationParams(temperature=0.0, top_p=1.0, max_tokens=32, seed=1, repeat_penalty=1.0)
+    conversation: list[dict[str, str]] = []
+
+    def first_token(messages: list[dict[str, str]]) -> tuple[float, str]:
+        started = time.perf_counter()
+        pieces = iter(chat.stream(messages, params))
+        first = next(pieces, "")
+        seconds = time.perf_counter() - started
+        return seconds, first + "".join(pieces)
+
+    for question in QUESTIONS * 2:  # ten turns
+        conversation.append({"role": "user", "content": question})
+        conversation.append({"role": "assistant", "content": first_token(conversation)[1]})
+    turn_9, turn_10 = conversation[:-3], conversation[:-1]
+    kept: list[float] = []
+    afresh: list[float] = []
+    for _ in range(args.runs // 2 or 1):
+        chat_model_reset(chat)
+        afresh.append(first_token(turn_10)[0])
+        chat_model_reset(chat)
+        first_token(turn_9)  # as in the conversation: turn 9 and its reply were evaluated last
+        kept.append(first_token(turn_10)[0])
+    repeated = first_token(ask(QUESTIONS[0]))[0]
+    chat_model_reset(chat)
+    fresh_single = first_token(ask(QUESTIONS[0]))[0]
+    turn = f"turn 10, {len(conversation) - 1} messages"
+    print(f"first token at {turn}: evaluated afresh {statistics.median(afresh) * 1000:.0f} ms, "
+          f"prefix kept {statistics.median(kept) * 1000:.0f} ms; a repeated request {repeated * 1000:.0f} ms "
+          f"against {fresh_single * 1000:.0f} ms afresh")  # fmt: skip
+    return [
+        Row(f"chat first token at {turn}: prefix kept vs afresh", "s", statistics.median(afresh),
+            statistics.median(kept), False, maximum=0.5),
+        Row("chat first token, the same request again vs afresh", "s", fresh_single, repeated, False, maximum=0.5),
+    ]  # fmt: skip
+
+
+def several_clients(chat: ChatService, tokens: int = 48) -> list[Row]:
+    """Aggregate tokens/s with 4 and 16 clients asking at once, against one client. The model manager
+    lends the model to one request at a time: the others queue (first come, first served)."""
+    params = GenerationParams(temperature=0.0, top_p=1.0, max_tokens=tokens, seed=1, repeat_penalty=1.0)
+
+    def one(index: int) -> int:
+        stream = chat.stream(ask(QUESTIONS[index % len(QUESTIONS)]), params)
+        stream.text()
+        return stream.completion_tokens
+
+    def aggregate(clients: int) -> tuple[float, float]:
+        """Tokens/s over all clients, and the longest a client waited for its whole answer."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        started = time.perf_counter()
+        finished: list[float] = []
+
+        def timed_one(index: int) -> int:
+            produced = one(index)
+            finished.append(time.perf_counter() - started)
+            return produced
+
+        with ThreadPoolExecutor(clients) as pool:
+            produced = sum(pool.map(timed_one, range(clients)))
+        return produced / (time.perf_counter() - started), max(finished)
+
+    one(0)
+    single, _ = aggregate(1)
+    rows = []
+    for clients in (4, 16):
+        total, longest = aggregate(clients)
+        print(f"{clients} clients at once: {total:.1f} tokens/s together (1 client: {single:.1f}); "
+              f"the last answer took {longest:.1f} s")  # fmt: skip
+        rows.append(Row(f"chat aggregate tokens/s, {clients} clients at once vs 1", "tokens/s", single, total))
+    return rows
+
+
+def chat_model_reset(chat: ChatService) -> None:
+    """Clear the loaded model's evaluated tokens, so the next prompt is evaluated in full."""
+    spec = chat.load_spec(chat.resolve_model().path)
+    with chat._manager.acquire(spec) as model:
+        chat._manager.compute_thread(spec).call(model.llama.reset)
 
 
 def ask(question: str) -> list[dict[str, str]]:
