@@ -33,7 +33,7 @@ from main import build_services
 from settings import ServerSettings, load_settings
 from text_generation.stream import GenerationParams
 
-from rows import Row, write_rows
+from rows import Row, paired, write_rows
 
 PROMPT = [{"role": "user", "content": "Explain how a lighthouse works."}]
 
@@ -121,7 +121,14 @@ def main() -> None:
     write_rows(
         args.json,
         [
-            Row(f"API streaming tokens/s vs chat.py ({name})", "tokens/s", direct_tps, http_tps, minimum=0.97),
+            Row(
+                f"API streaming tokens/s vs chat.py ({name})",
+                "tokens/s",
+                direct_tps,
+                http_tps,
+                minimum=0.97,
+                paired_ratio=paired(samples["http_tps"], samples["direct_tps"]),
+            ),
             Row(f"API non-streamed request vs chat.py ({name})", "s", direct, http, higher_is_better=False),
         ],
     )

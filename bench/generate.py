@@ -37,7 +37,7 @@ from stable_diffusion.pipeline import make_scheduler
 from settings import ImageDefaults, ImageSettings
 
 from PIL.PngImagePlugin import PngInfo
-from rows import Row, write_rows
+from rows import Row, paired, write_rows
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
@@ -171,7 +171,16 @@ def bench(service: ImageService, manager: ModelManager, args: argparse.Namespace
     print(f"overhead (target <= 2%): median {100 * (ours_s / raw_s - 1):+.2f}%, fastest run {100 * (best - 1):+.2f}%")
     print(f"same pixels from both: {'yes' if same else 'NO'}")
     rows = [
-        Row(f"image s/image +PNG ({resolved.name}, {size}px, {steps} steps)", "s", raw_s, ours_s, False, None, 1.02),
+        Row(
+            f"image s/image +PNG ({resolved.name}, {size}px, {steps} steps)",
+            "s",
+            raw_s,
+            ours_s,
+            False,
+            None,
+            1.02,
+            paired(times["generator.py"], times["diffusers"]),
+        ),
         Row("image: same pixels as diffusers (1 = yes)", "same", None, float(same), minimum=1),
     ]
     rows += workflows(service, pipe, args, size, steps, guidance)
@@ -267,7 +276,17 @@ def workflows(
         raw, ours = statistics.median(times["diffusers"]), statistics.median(times["generator.py"])
         same = np.array_equal(np.asarray(last["diffusers"]), np.asarray(last["generator.py"]))
         print(f"{name + ' (s)':18}{raw:12.4f}{ours:14.4f}{ours / raw:9.3f}  {'yes' if same else 'NO'}")
-        rows.append(Row(f"image {name} s/image", "s", raw, ours, False, maximum=1.03))
+        rows.append(
+            Row(
+                f"image {name} s/image",
+                "s",
+                raw,
+                ours,
+                False,
+                maximum=1.03,
+                paired_ratio=paired(times["generator.py"], times["diffusers"]),
+            )
+        )
         rows.append(Row(f"image {name}: same pixels (1 = yes)", "same", None, float(same), minimum=1))
     return rows
 

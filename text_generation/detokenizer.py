@@ -49,12 +49,22 @@ class IncrementalDetokenizer:
 
 class TokenHandOff:
     """A ``generate`` streamer: the generating thread appends new token ids; the consumer takes
-    them in batches of whatever arrived while it was busy."""
+    them in batches of whatever arrived while it was busy.
+
+    The first token is handed over at once; after it the consumer is woken for every
+    ``BATCH_TOKENS`` tokens or after ``BATCH_SECONDS``, whichever comes first. Each wake-up takes a
+    core from the model's threads (with as many OpenMP threads as cores, the whole team then waits
+    at its next barrier): measured on two cores, waking for every token cost 10-20 % of LLaVA's
+    speed. Ten updates a second read as smoothly as a hundred."""
+
+    BATCH_TOKENS = 8
+    BATCH_SECONDS = 0.1
 
     def __init__(self) -> None:
         self._ids: list[int] = []
         self._ended = False
         self._prompt_seen = False
+        self._wanted = 1  # the consumer is woken once this many ids are there
         self._changed = threading.Condition()
 
     def put(self, value: Any) -> None:  # called by generate: first the prompt, then each new token
@@ -64,7 +74,8 @@ class TokenHandOff:
         ids = value.reshape(-1).tolist()
         with self._changed:
             self._ids.extend(ids)
-            self._changed.notify()
+            if len(self._ids) >= self._wanted:
+                self._changed.notify()
 
     def end(self) -> None:
         with self._changed:
@@ -76,6 +87,10 @@ class TokenHandOff:
         taken = 0
         while True:
             with self._changed:
+                self._wanted = taken + (1 if taken == 0 else self.BATCH_TOKENS)
+                if len(self._ids) < self._wanted and not self._ended:
+                    self._changed.wait(None if taken == 0 else self.BATCH_SECONDS)
+                self._wanted = taken + 1  # slow tokens: each one as soon as it comes
                 while len(self._ids) == taken and not self._ended:
                     self._changed.wait()
                 batch, ended = self._ids[taken:], self._ended
