@@ -33,7 +33,7 @@ from main import build_services
 from settings import ServerSettings, load_settings
 from text_generation.stream import GenerationParams
 
-from rows import Row, paired, write_rows
+from rows import Row, write_rows
 
 PROMPT = [{"role": "user", "content": "Explain how a lighthouse works."}]
 
@@ -127,7 +127,6 @@ def main() -> None:
                 direct_tps,
                 http_tps,
                 minimum=0.97,
-                paired_ratio=paired(samples["http_tps"], samples["direct_tps"]),
             ),
             Row(f"API non-streamed request vs chat.py ({name})", "s", direct, http, higher_is_better=False),
         ],

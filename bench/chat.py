@@ -26,7 +26,7 @@ from text_generation.stream import GenerationParams
 from model_manager import GIB, ModelManager, detect_devices
 from settings import ChatSettings
 
-from rows import Row, paired, write_rows
+from rows import Row, write_rows
 
 QUESTIONS = [
     "Explain how a lighthouse works.",
@@ -137,7 +137,6 @@ def main() -> None:
             raw_tps,
             ours_tps,
             minimum=0.97,
-            paired_ratio=paired(results["ours"]["tps"], results["raw"]["tps"]),
         ),
         Row(f"chat first token ({model_name})", "s", raw_ttft, ours_ttft, higher_is_better=False, maximum=1.1),
     ]

@@ -18,14 +18,9 @@ class Row:
     # The target, on the ratio app / raw (or, without a raw side, on the app's figure); None: reported only.
     minimum: float | None = None
     maximum: float | None = None
-    # The median of the ratios of runs made side by side (less swayed by a machine's drift than the
-    # ratio of the two medians); None: app / raw.
-    paired_ratio: float | None = None
 
     @property
     def ratio(self) -> float | None:
-        if self.paired_ratio is not None:
-            return self.paired_ratio
         if self.raw is None or self.app is None or self.raw == 0:
             return None
         return self.app / self.raw
@@ -52,13 +47,6 @@ class Row:
         if value is None:
             return False
         return (self.minimum is None or value >= self.minimum) and (self.maximum is None or value <= self.maximum)
-
-
-def paired(app: list[float], raw: list[float]) -> float:
-    """The median of app / raw over runs made side by side (same index: the same round)."""
-    import statistics
-
-    return statistics.median(a / r for a, r in zip(app, raw, strict=True))
 
 
 def write_rows(path: Path | None, rows: list[Row]) -> None:
