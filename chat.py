@@ -225,8 +225,11 @@ class ChatService:
         self._gpu_offload = gpu_offload
         self._announced_fallback = False
         self.defaults = GenerationParams.from_defaults(settings.defaults)
+        # The evaluated prompt of the chat model last unloaded: (its spec, llama.cpp's saved state).
+        self._kept_prompt: tuple[LoadSpec, Any] | None = None
+        self._kept_lock = threading.Lock()
         manager.register_loader(
-            "chat", Loader(load=load_chat_model, estimate_bytes=self._estimate_bytes, on_compute_thread=True)
+            "chat", Loader(load=self._load, estimate_bytes=self._estimate_bytes, on_compute_thread=True)
         )
 
     @property
@@ -329,6 +332,38 @@ class ChatService:
         return LoadSpec.of(
             "chat", path, device=device, n_ctx=self._settings.context_size, gpu_layers=gpu_layers, threads=threads
         )
+
+    def _load(self, spec: LoadSpec) -> LoadedModel:
+        """Load the model; give it back the prompt it had evaluated when it was last unloaded."""
+        loaded = load_chat_model(spec)
+        llama = loaded.model.llama
+        with self._kept_lock:
+            kept, self._kept_prompt = self._kept_prompt, None
+        if kept is not None and kept[0] == spec:
+            try:
+                llama.load_state(kept[1])
+                log.info("restored %d evaluated tokens of %s", llama.n_tokens, spec.label)
+            except Exception as error:  # a state that does not fit: evaluate afresh
+                log.warning("could not restore the evaluated prompt of %s: %s", spec.label, error)
+                llama.reset()
+        return LoadedModel(loaded.model, loaded.reported_bytes, close=lambda: self._keep_and_close(spec, llama))
+
+    def _keep_and_close(self, spec: LoadSpec, llama: Any) -> None:
+        """Unloading: keep what the model had evaluated (within chat.kept_prompt_mb), then free it."""
+        try:
+            limit = self._settings.kept_prompt_mb * 2**20
+            if limit and llama.n_tokens > 0:
+                state = llama.save_state()
+                size = state.llama_state_size + state.scores.nbytes + state.input_ids.nbytes
+                if size <= limit:
+                    with self._kept_lock:
+                        self._kept_prompt = (spec, state)
+                else:
+                    log.info("the evaluated prompt of %s (%d MB) is over chat.kept_prompt_mb", spec.label, size >> 20)
+        except Exception as error:
+            log.warning("could not keep the evaluated prompt of %s: %s", spec.label, error)
+        finally:
+            llama.close()
 
     def _estimate_bytes(self, spec: LoadSpec) -> int:
         path = Path(spec.path)

@@ -85,6 +85,7 @@ class ChatSettings(_Strict):
     threads: int | Literal["auto"] = "auto"
     system_prompt: str = "You are a helpful assistant."
     max_message_chars: int = Field(32000, ge=1)
+    kept_prompt_mb: int = Field(1024, ge=0)  # the evaluated conversation kept over a swap; 0: off
     defaults: GenerationDefaults = GenerationDefaults()
 
     @field_validator("threads")

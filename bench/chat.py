@@ -173,6 +173,13 @@ def later_turns(chat: ChatService, args: argparse.Namespace) -> list[Row]:
         chat_model_reset(chat)
         first_token(turn_9)  # as in the conversation: turn 9 and its reply were evaluated last
         kept.append(first_token(turn_10)[0])
+    after_swap: dict[int, list[float]] = {1024: [], 0: []}  # chat.kept_prompt_mb: on, off
+    for _ in range(args.runs // 2 or 1):
+        for kept_mb in after_swap:
+            chat._settings = chat._settings.model_copy(update={"kept_prompt_mb": kept_mb})
+            first_token(turn_9)
+            chat._manager.unload_all()  # a picture took the chat model's place (one_at_a_time)
+            after_swap[kept_mb].append(first_token(turn_10)[0])
     repeated = first_token(ask(QUESTIONS[0]))[0]
     chat_model_reset(chat)
     fresh_single = first_token(ask(QUESTIONS[0]))[0]
@@ -180,10 +187,14 @@ def later_turns(chat: ChatService, args: argparse.Namespace) -> list[Row]:
     print(f"first token at {turn}: evaluated afresh {statistics.median(afresh) * 1000:.0f} ms, "
           f"prefix kept {statistics.median(kept) * 1000:.0f} ms; a repeated request {repeated * 1000:.0f} ms "
           f"against {fresh_single * 1000:.0f} ms afresh")  # fmt: skip
+    swapped_kept, swapped_off = (statistics.median(after_swap[mb]) * 1000 for mb in (1024, 0))
+    print(f"after a swap: {swapped_kept:.0f} ms with chat.kept_prompt_mb, {swapped_off:.0f} ms without")
     return [
         Row(f"chat first token at {turn}: prefix kept vs afresh", "s", statistics.median(afresh),
             statistics.median(kept), False, maximum=0.5),
         Row("chat first token, the same request again vs afresh", "s", fresh_single, repeated, False, maximum=0.5),
+        Row(f"chat first token at {turn} after a swap (load included): kept vs off", "s",
+            statistics.median(after_swap[0]), statistics.median(after_swap[1024]), False, maximum=0.5),
     ]  # fmt: skip
 
 

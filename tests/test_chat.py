@@ -288,3 +288,38 @@ def test_llama_cpp_runs_on_the_compute_thread_with_the_other_models(
     spec = service.load_spec(service.resolve_model().path)
     assert threads == {service._manager.compute_thread(spec).call(lambda: threading.current_thread().name)}
     assert threading.current_thread().name not in threads
+
+
+def test_a_chat_model_swapped_out_gets_its_evaluated_conversation_back(
+    tmp_path: Path, embedded_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under one_at_a_time every picture unloads the chat model; the next turn should not evaluate
+    # the whole conversation again. Counted in tokens llama.cpp evaluates, not in seconds.
+    from llama_cpp import Llama
+
+    evaluated: list[int] = []
+    original = Llama.eval
+
+    def counting(self: Llama, tokens: Sequence[int]) -> None:
+        evaluated.append(len(tokens))
+        original(self, tokens)
+
+    monkeypatch.setattr(Llama, "eval", counting)
+
+    def next_turn(kept_prompt_mb: int) -> tuple[int, str, int]:
+        service = make_service(tmp_path / "absent.gguf", context_size=2048, kept_prompt_mb=kept_prompt_mb)
+        conversation = ask("Tell me about lighthouses: " + "how they guide ships at night, " * 12)
+        conversation.append({"role": "assistant", "content": service.complete(conversation, GREEDY)})
+        conversation += ask("And about harbours?")
+        service._manager.unload_all()  # a picture took the chat model's place
+        evaluated.clear()
+        stream = service.stream(conversation, GREEDY)
+        answer = stream.text()
+        service._manager.close()
+        return sum(evaluated) - stream.completion_tokens, answer, stream.prompt_tokens
+
+    kept, kept_answer, prompt_tokens = next_turn(1024)
+    afresh, afresh_answer, _ = next_turn(0)
+    assert afresh >= prompt_tokens - 1, "without it the whole conversation is evaluated again"
+    assert kept < prompt_tokens / 4, f"only the new message is evaluated ({kept} of {prompt_tokens} tokens)"
+    assert kept_answer == afresh_answer, "and the answer is the same"
