@@ -403,11 +403,16 @@ class ChatService:
             spec = self.load_spec(resolved.path)
             try:
                 with self._manager.acquire(spec, cancel=cancel) as model:
-                    yield from self._manager.compute_thread(spec).stream(
-                        lambda: self._generate(
-                            model, system, turns, params, seed, cancel, stream, constraint, continuing
-                        )
-                    )
+                    settings = (system, turns, params, seed, cancel, stream, constraint, continuing)
+                    # llama.cpp's threads run on the compute thread, with the other models' (ComputeThread)
+                    produced = self._manager.compute_thread(spec).stream(lambda: self._generate(model, *settings))
+                    with contextlib.closing(produced):
+                        for piece in produced:
+                            if cancel is not None and cancel.is_set():  # pieces made before Stop stay unsaid
+                                break
+                            yield piece
+                    if cancel is not None and cancel.is_set():
+                        stream.finish_reason = "cancelled"
             except RequestCancelledError:  # stopped while waiting for the model: nothing was generated
                 stream.finish_reason = "cancelled"
 

@@ -135,16 +135,22 @@ class ComputeThread:
         """Run ``work`` on this thread and return its result (or raise its error)."""
         return self.submit(work).result()
 
+    # After the first item the reader is woken for every few items or after a moment, whichever comes
+    # first: each wake-up takes a core from the model's OpenMP threads (measured: 10-20 % of a small
+    # model's speed on two cores when woken for every token), and ten updates a second read smoothly.
+    BATCH_ITEMS = 8
+    BATCH_SECONDS = 0.1
+
     def stream(self, make: Callable[[], Iterator[Any]]) -> Iterator[Any]:
         """The items of the iterator ``make()`` returns, produced on this thread and handed over as
-        they come. Leaving early stops the producer after its current item, and waits for it: the
-        model it uses is only given back once it is done."""
+        they come (the first at once, then in small batches). Leaving early stops the producer after
+        its current item, and waits for it: the model it uses is only given back once it is done."""
         if threading.get_ident() == self._ident:
             yield from make()
             return
         items: deque[Any] = deque()
         changed = threading.Condition()
-        state = {"done": False, "leaving": False, "error": None}
+        state: dict[str, Any] = {"done": False, "leaving": False, "error": None, "wanted": 1}
 
         def produce() -> None:
             try:
@@ -153,7 +159,8 @@ class ComputeThread:
                     for item in iterator:
                         with changed:
                             items.append(item)
-                            changed.notify()
+                            if len(items) >= state["wanted"]:
+                                changed.notify()
                             if state["leaving"]:
                                 break
                 finally:
@@ -168,14 +175,20 @@ class ComputeThread:
                     changed.notify()
 
         producing = self.submit(produce)
+        first = True
         try:
             while True:
                 with changed:
+                    if not first and len(items) < self.BATCH_ITEMS and not state["done"]:
+                        state["wanted"] = self.BATCH_ITEMS
+                        changed.wait(self.BATCH_SECONDS)
+                    state["wanted"] = 1  # slow items: each one as soon as it comes
                     while not items and not state["done"]:
                         changed.wait()
                     batch = list(items)
                     items.clear()
                     done = state["done"]
+                first = False
                 yield from batch
                 if done:
                     break
@@ -185,7 +198,7 @@ class ComputeThread:
             if not producing.cancel():  # not started: it never will; else let it finish
                 producing.result()
         if state["error"] is not None:
-            raise state["error"]  # type: ignore[misc]
+            raise state["error"]
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
