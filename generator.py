@@ -46,7 +46,13 @@ from stable_diffusion.models import (
     model_hash,
     read_cross_attention_dim,
 )
-from stable_diffusion.pipeline import LoadedImageModel, load_image_pipeline, make_scheduler
+from stable_diffusion.pipeline import (
+    LoadedImageModel,
+    load_image_pipeline,
+    make_scheduler,
+    park_image_pipeline,
+    unpark_image_pipeline,
+)
 from stable_diffusion.prompt_weights import check_weights, needs_encoding, plain_text
 from stable_diffusion.prompt_weights import encode as encode_prompts
 from stable_diffusion.prompt_weights import parse as parse_prompt
@@ -194,7 +200,14 @@ class ImageService:
         self._cache_lock = threading.Lock()
         self._selected: Path | None = None  # a checkpoint picked on the Models page, instead of image.model
         manager.register_loader(
-            "image", Loader(load=load_image_pipeline, estimate_bytes=self._estimate_bytes, on_compute_thread=True)
+            "image",
+            Loader(
+                load=load_image_pipeline,
+                estimate_bytes=self._estimate_bytes,
+                on_compute_thread=True,
+                park=park_image_pipeline,
+                unpark=unpark_image_pipeline,
+            ),
         )
 
     # -- where things are -------------------------------------------------

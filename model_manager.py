@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from errors import AppError, BusyError, ModelLoadError, ModelTooLargeError, OutOfMemoryError, RequestCancelledError
+from model_memory.warm_tier import ParkedModel, WarmTier
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,11 @@ class Loader:
     estimate_bytes: Callable[[LoadSpec], int]
     # Models whose work runs on a compute thread (PyTorch, llama.cpp: OpenMP) load there too.
     on_compute_thread: bool = False
+    # The warm tier: ``park`` moves an evicted model into CPU RAM and returns it (None: this one cannot
+    # be moved, e.g. a bitsandbytes-quantised model; it is unloaded); ``unpark`` moves it back onto
+    # the spec's device and returns it. Both None: the kind is always unloaded.
+    park: Callable[[Any, LoadSpec], Any] | None = None
+    unpark: Callable[[Any, LoadSpec], Any] | None = None
 
 
 class ComputeThread:
@@ -273,6 +279,21 @@ def total_ram_bytes() -> int:
     return int(psutil.virtual_memory().total)
 
 
+def available_ram_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def warm_tier_budget(setting: float | str, devices: Mapping[str, DeviceBudget]) -> int:
+    """The warm tier's RAM budget in bytes. "auto": 40 % of RAM when there is a GPU to park models
+    from, else 0: on a CPU-only machine the models already live in RAM, and parking one would only
+    keep what the CPU budget (``one_at_a_time``) meant to free."""
+    if setting == "auto":
+        return int(0.4 * total_ram_bytes()) if any(name != "cpu" for name in devices) else 0
+    return int(float(setting) * GIB)
+
+
 def detect_devices(gpu_budget_bytes: int, cpu_budget_bytes: int | None = None) -> dict[str, DeviceBudget]:
     """The CPU always; the GPU too when torch sees CUDA. ``cpu_budget_bytes`` None: 80 % of RAM."""
     cpu = cpu_budget_bytes if cpu_budget_bytes is not None else int(0.8 * total_ram_bytes())
@@ -356,12 +377,15 @@ class ModelState(StrEnum):
     UNLOADING = "unloading"
 
 
+Action = Literal["load", "unload", "park", "unpark"]
+
+
 @dataclass(frozen=True)
 class TransitionRecord:
-    action: Literal["load", "unload"]
+    action: Action  # park: evicted into the warm tier; unpark: loaded back from it
     label: str
     seconds: float
-    bytes: int  # measured memory taken (load) or given back (unload)
+    bytes: int  # measured device memory taken (load, unpark) or given back (unload, park)
     at: float  # wall-clock time.time()
 
 
@@ -381,6 +405,18 @@ class ResidentModel:
 
 
 @dataclass(frozen=True)
+class ParkedStatus:
+    """A model in the warm tier: off its device, in CPU RAM, ready to be copied back."""
+
+    label: str
+    kind: str
+    name: str
+    device: str  # where it goes back to
+    size_bytes: int
+    parked_seconds: float
+
+
+@dataclass(frozen=True)
 class DeviceStatus:
     name: str
     budget_bytes: int
@@ -394,8 +430,10 @@ class ManagerStatus:
     devices: tuple[DeviceStatus, ...]
     resident: tuple[ResidentModel, ...]
     history: tuple[TransitionRecord, ...]
-    load_counts: dict[str, int]
+    load_counts: dict[str, int]  # loads from disk and from the warm tier alike
     waiting: int  # requests in the queue
+    parked: tuple[ParkedStatus, ...] = ()
+    warm_tier_budget_bytes: int = 0
 
     @property
     def budget_bytes(self) -> int:
@@ -454,6 +492,8 @@ class ModelManager:
         keep_alive_s: float = 300.0,
         wait_timeout_s: float = 600.0,
         max_queue: int = 32,
+        warm_tier_bytes: int = 0,
+        available_ram: Callable[[], int] = available_ram_bytes,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy: Policy = policy
@@ -475,6 +515,7 @@ class ModelManager:
         self._reaper_stop = threading.Event()
         self._reaper: threading.Thread | None = None
         self._compute_threads: dict[str, ComputeThread] = {}
+        self._warm = WarmTier(warm_tier_bytes, available_ram)  # guarded by self._cond
 
     @property
     def device(self) -> str:
@@ -777,17 +818,23 @@ class ModelManager:
 
     # -- loading and unloading -------------------------------------------
 
+    def _run_for(self, loader: Loader, spec: LoadSpec, work: Callable[[], Any]) -> Any:
+        """``work`` on the model's compute thread when its loader asks for one, else here."""
+        return self.compute_thread(spec).call(work) if loader.on_compute_thread else work()
+
     def _load(self, entry: _Entry) -> None:
+        if self._load_parked(entry):
+            return
+        with self._cond:  # a load from disk needs RAM on the way, even to a GPU: parked models give it
+            out = self._warm.free_ram_for(entry.size_bytes)
+        self._close_parked(out)
         spec = entry.spec
         probe = self._devices[spec.budget_device].probe
         before = probe.used_bytes()
         started = time.perf_counter()
         try:
             loader = self._loaders[spec.kind]
-            if loader.on_compute_thread:
-                loaded = self.compute_thread(spec).call(lambda: loader.load(spec))
-            else:
-                loaded = loader.load(spec)
+            loaded = self._run_for(loader, spec, lambda: loader.load(spec))
         except AppError:
             self._collect(probe)
             raise
@@ -819,11 +866,102 @@ class ModelManager:
             loaded.reported_bytes / 2**20,
         )
 
-    def _unload(self, entry: _Entry) -> None:
-        """Drop every reference the manager holds and check the memory came back. Never raises
-        an ordinary exception: a model that fails to close is dropped anyway, and logged."""
+    # -- the warm tier ----------------------------------------------------
+
+    def _load_parked(self, entry: _Entry) -> bool:
+        """Outside the lock, holding the transition slot: move the model back from the warm tier, if
+        it is there. False when it is not, or the move failed (then it is dropped, and loads from disk)."""
+        spec = entry.spec
+        with self._cond:
+            parked = self._warm.take(spec)
+        if parked is None:
+            return False
+        loader = self._loaders[spec.kind]
+        probe = self._devices[spec.budget_device].probe
+        before = _measure(probe)
+        started = time.perf_counter()
         try:
-            self._release_memory(entry)
+            assert loader.unpark is not None  # only models whose loader can park are parked
+            model = self._run_for(loader, spec, lambda: loader.unpark(parked.model, spec))  # type: ignore[misc]
+        except Exception as error:
+            log.warning("%s could not be moved back from RAM (%s); it loads from disk", spec.label, error)
+            self._close_parked([parked])
+            return False
+        seconds = time.perf_counter() - started
+        after = _measure(probe)
+        entry.model, entry.close = model, parked.close
+        entry.measured_bytes, entry.reported_bytes = parked.measured_bytes, parked.reported_bytes
+        entry.size_bytes = max(parked.measured_bytes, parked.reported_bytes) or entry.size_bytes
+        entry.load_seconds = seconds
+        self._record("unpark", spec.label, seconds, 0 if before is None or after is None else max(0, after - before))
+        with self._cond:
+            self._load_counts[spec.label] = self._load_counts.get(spec.label, 0) + 1
+        log.info("moved %s back from RAM to %s in %.2f s", spec.label, spec.device, seconds)
+        return True
+
+    def _park(self, entry: _Entry) -> bool:
+        """Outside the lock, holding the transition slot: move an evicted model into the warm tier
+        instead of unloading it, when its loader can and the tier has room. False: unload it."""
+        spec = entry.spec
+        loader = self._loaders[spec.kind]
+        if loader.park is None or loader.unpark is None or entry.model is None or self.keep_alive_s == 0:
+            return False
+        new_ram = spec.budget_device != "cpu"  # a CPU model stays where it is; a GPU model takes RAM
+        with self._cond:
+            out = self._warm.make_room(entry.size_bytes, new_ram=new_ram)
+        if out is None:
+            return False
+        self._close_parked(out)
+        probe = self._devices[spec.budget_device].probe
+        before = _measure(probe)
+        started = time.perf_counter()
+        try:
+            parked_model = self._run_for(loader, spec, lambda: loader.park(entry.model, spec))  # type: ignore[misc]
+        except Exception as error:
+            log.warning("%s could not be parked in RAM (%s); it is unloaded", spec.label, error)
+            return False
+        if parked_model is None:
+            return False
+        if new_ram:  # the device's copies were freed as the weights moved; the allocator's cache keeps them
+            self._release_cache(probe)
+        freed = self._wait_for_memory_back(probe, before, entry.measured_bytes if new_ram else 0)
+        seconds = time.perf_counter() - started
+        parked = ParkedModel(
+            spec, parked_model, entry.close, entry.size_bytes, new_ram, self._clock(),
+            entry.measured_bytes, entry.reported_bytes,
+        )  # fmt: skip
+        entry.model = entry.close = None
+        with self._cond:
+            self._warm.put(parked)
+        self._record("park", spec.label, seconds, freed)
+        log.info("parked %s in RAM in %.2f s, %.0f MiB of %s freed", spec.label, seconds, freed / 2**20, spec.device)
+        return True
+
+    def _close_parked(self, parked_models: list[ParkedModel]) -> None:
+        """Unload models taken out of the warm tier (never raises)."""
+        for parked in parked_models:
+            started = time.perf_counter()
+            close, parked.close, parked.model = parked.close, None, None
+            try:
+                if close is not None:
+                    close()
+            except Exception:
+                log.exception("closing the parked %s failed; it is dropped anyway", parked.key)
+            finally:
+                gc.collect()
+            label = parked.key.label if isinstance(parked.key, LoadSpec) else str(parked.key)
+            self._record("unload", label, time.perf_counter() - started, parked.size_bytes)
+            log.info("dropped %s from the warm tier", label)
+        if parked_models and "cpu" in self._devices:
+            self._collect(self._devices["cpu"].probe)
+
+    def _unload(self, entry: _Entry, *, may_park: bool = True) -> None:
+        """Park the model in the warm tier if allowed and possible, else drop every reference the
+        manager holds and check the memory came back. Never raises an ordinary exception: a model
+        that fails to close is dropped anyway, and logged."""
+        try:
+            if not (may_park and self._park(entry)):
+                self._release_memory(entry)
         except Exception:
             log.exception("unloading %s failed; it is dropped anyway", entry.spec.label)
         finally:
@@ -842,7 +980,11 @@ class ModelManager:
             if close is not None:
                 close()
         finally:
-            self._collect(probe)
+            # A full garbage collection costs a few tenths of a second in a process holding PyTorch;
+            # it is only needed when the model outlived its references (in reference cycles).
+            self._release_cache(probe)
+            if (tracker is not None and tracker() is not None) or not _came_back(probe, before, entry.measured_bytes):
+                self._collect(probe)
         freed = self._wait_for_memory_back(probe, before, entry.measured_bytes)
         seconds = time.perf_counter() - started
         if tracker is not None and tracker() is not None:
@@ -876,6 +1018,10 @@ class ModelManager:
     @staticmethod
     def _collect(probe: MemoryProbe) -> None:
         gc.collect()
+        ModelManager._release_cache(probe)
+
+    @staticmethod
+    def _release_cache(probe: MemoryProbe) -> None:
         try:
             probe.release_cache()
         except Exception:
@@ -888,18 +1034,34 @@ class ModelManager:
     # -- keep-alive and shutdown -----------------------------------------
 
     def unload_idle(self) -> list[str]:
-        """Unload idle models past their keep-alive. Returns their labels."""
+        """Unload (or park, with a warm tier) idle models past their keep-alive, and drop parked models
+        past it. Returns the labels of those that left their device."""
         if self.keep_alive_s < 0:
             return []
-        return self._unload_idle_for(self.keep_alive_s, wait_for_transition=False)
+        labels = self._unload_idle_for(self.keep_alive_s, wait_for_transition=False)
+        with self._cond:
+            expired = self._warm.expired(self._clock(), self.keep_alive_s)
+        self._close_parked(expired)
+        return labels
 
     def unload_all(self) -> list[str]:
-        """Unload every idle model now (models in use stay). Returns their labels."""
-        return self._unload_idle_for(0.0, wait_for_transition=True)
+        """Unload every idle model now (models in use stay), and empty the warm tier. Returns the
+        labels of those unloaded from their device."""
+        labels = self._unload_idle_for(0.0, wait_for_transition=True, may_park=False)
+        with self._cond:
+            parked = self._warm.take_all()
+        self._close_parked(parked)
+        return labels
 
     def unload(self, label: str) -> bool:
-        """Unload one idle model by its label (a status panel's button); False if it is busy or absent."""
-        return bool(self._unload_idle_for(0.0, wait_for_transition=True, only=lambda e: e.spec.label == label))
+        """Unload one idle or parked model by its label (a status panel's button); False if it is busy or absent."""
+        unloaded = self._unload_idle_for(
+            0.0, wait_for_transition=True, only=lambda e: e.spec.label == label, may_park=False
+        )
+        with self._cond:
+            parked = self._warm.take_all(lambda key: isinstance(key, LoadSpec) and key.label == label)
+        self._close_parked(parked)
+        return bool(unloaded or parked)
 
     def make_room(self, keep: LoadSpec) -> list[str]:
         """Unload every idle model on ``keep``'s device but ``keep`` itself: for a request that ran out
@@ -920,7 +1082,12 @@ class ModelManager:
         ]
 
     def _unload_idle_for(
-        self, min_idle_s: float, *, wait_for_transition: bool, only: Callable[[_Entry], bool] | None = None
+        self,
+        min_idle_s: float,
+        *,
+        wait_for_transition: bool,
+        only: Callable[[_Entry], bool] | None = None,
+        may_park: bool = True,
     ) -> list[str]:
         with self._cond:
             if wait_for_transition:
@@ -935,7 +1102,7 @@ class ModelManager:
                 victim.state = ModelState.UNLOADING
         try:
             for victim in victims:
-                self._unload(victim)
+                self._unload(victim, may_park=may_park)
         finally:
             with self._cond:
                 self._transition_in_progress = False
@@ -1005,6 +1172,19 @@ class ModelManager:
                 history=tuple(self._history),
                 load_counts=dict(self._load_counts),
                 waiting=len(self._queue),
+                parked=tuple(
+                    ParkedStatus(
+                        label=p.key.label,
+                        kind=p.key.kind,
+                        name=Path(p.key.path).name,
+                        device=p.key.device,
+                        size_bytes=p.size_bytes,
+                        parked_seconds=max(0.0, now - p.parked_at),
+                    )
+                    for p in self._warm.parked()
+                    if isinstance(p.key, LoadSpec)
+                ),
+                warm_tier_budget_bytes=self._warm.budget_bytes,
             )
 
 
@@ -1015,6 +1195,12 @@ def _measure(probe: MemoryProbe) -> int | None:
     except Exception:
         log.exception("measuring %s memory failed", probe.device)
         return None
+
+
+def _came_back(probe: MemoryProbe, before: int | None, expected: int) -> bool:
+    """Whether most of the memory a model took (``expected``) is measurably free again."""
+    after = _measure(probe)
+    return before is not None and after is not None and before - after >= 0.9 * expected
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

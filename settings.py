@@ -61,12 +61,20 @@ class ManagerSettings(_Strict):
     keep_alive_s: float = 300.0
     wait_timeout_s: float = Field(600.0, gt=0)
     max_queue: int = Field(32, ge=1)
+    warm_tier_gb: float | Literal["auto"] = "auto"
 
     @field_validator("cpu_memory_budget_gb")
     @classmethod
     def _cpu_budget_positive(cls, value: float | str) -> float | str:
         if not isinstance(value, str) and value <= 0:
             raise ValueError("must be 'auto' or a number of GB above 0")
+        return value
+
+    @field_validator("warm_tier_gb")
+    @classmethod
+    def _warm_tier_not_negative(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and value < 0:
+            raise ValueError("must be 'auto', 0 (off) or a number of GB")
         return value
 
 

@@ -29,6 +29,7 @@ from errors import (
 )
 from media.images import ImageSource, load_image
 from model_manager import CatalogEntry, ComputeThread, LoadedModel, Loader, LoadSpec, ModelManager
+from model_memory.torch_parking import park_modules, unpark_modules
 from settings import VisionSettings
 from text_generation.context import fit_to_context
 from text_generation.conversation import SYSTEM_ROLES, accepts_system_role, normalise
@@ -243,6 +244,22 @@ def load_vision_model(spec: LoadSpec) -> LoadedModel:
     return LoadedModel(model=LoadedVisionModel(model, processor), reported_bytes=int(model.get_memory_footprint()))
 
 
+def park_vision_model(loaded: LoadedVisionModel, spec: LoadSpec) -> LoadedVisionModel | None:
+    """The warm tier: the weights into CPU RAM. A 4/8-bit model cannot be moved (bitsandbytes lays its
+    packed weights and scales out for the GPU): None, so the manager unloads it and it loads again."""
+    if spec.option("precision", "fp32") in ("4bit", "8bit"):
+        return None
+    if spec.device != "cpu":
+        park_modules([loaded.model])
+    return loaded
+
+
+def unpark_vision_model(loaded: LoadedVisionModel, spec: LoadSpec) -> LoadedVisionModel:
+    if spec.device != "cpu":
+        unpark_modules([loaded.model], spec.device)
+    return loaded
+
+
 def precision_arguments(precision: str, device: str) -> dict[str, Any]:
     """from_pretrained arguments for a precision: a dtype, and a bitsandbytes config when quantised."""
     import torch
@@ -329,7 +346,14 @@ class VisionService:
         self._placement = choose_placement(settings.precision, cuda_available(), bitsandbytes_available())
         self.defaults = GenerationParams.from_defaults(settings.defaults)  # type: ignore[arg-type]
         manager.register_loader(
-            "vision", Loader(load=load_vision_model, estimate_bytes=estimate_model_bytes, on_compute_thread=True)
+            "vision",
+            Loader(
+                load=load_vision_model,
+                estimate_bytes=estimate_model_bytes,
+                on_compute_thread=True,
+                park=park_vision_model,
+                unpark=unpark_vision_model,
+            ),
         )
         if self._placement.notice:
             log.info(self._placement.notice)

@@ -7,8 +7,9 @@ measured the memory back), each beside its floor: the model's bytes divided by t
 measured in the same run (from disk for cold, from the page cache for warm). Then the sequence
 chat -> image -> vision -> transcription -> speech -> chat with a small real request each, under
 ``one_at_a_time`` (every step swaps) and ``vram_budget`` (everything stays resident), and the
-time the second policy saves. CPU figures; on a GPU the floor for warm loads is bytes / host-to-
-device bandwidth (bench/gpu.sh).
+time the second policy saves, and the same under ``one_at_a_time`` with a warm tier (evicted
+PyTorch models parked in RAM; on the CPU they stay where they are). CPU figures; on a GPU the
+floor for warm loads is bytes / host-to-device bandwidth (bench/gpu.sh).
 Usage: python bench/swap.py [--json FILE]
 """
 
@@ -173,11 +174,41 @@ def load_times(manager: ModelManager, module: Module) -> dict[str, float]:
     }
 
 
-def sequence(policy: str, scratch: Path) -> tuple[float, float]:
+def warm_tier_times(scratch: Path) -> dict[str, tuple[float, float]]:
+    """Per PyTorch module: (load from disk, move back from the warm tier) in seconds, medians, under
+    one_at_a_time with a warm tier: the module is evicted by the other one and comes back. On the
+    CPU a parked model stays where it is, so the move back is the manager's bookkeeping alone."""
+    manager = ModelManager(devices=detect_devices(24 * GIB), keep_alive_s=-1, warm_tier_bytes=4 * GIB)
+    modules = {m.name: m for m in build_modules(manager, scratch / "warm") if m.name in ("image", "vision")}
+    times: dict[str, tuple[float, float]] = {}
+    for name, other in (("image", "vision"), ("vision", "image")):
+        spec, other_spec = modules[name].spec(), modules[other].spec()
+        cold, back = [], []
+        for _ in range(RUNS):
+            manager.unload_all()
+            with manager.acquire(spec):
+                pass
+            cold.append(last_record(manager, "load", spec.label).seconds)
+            with manager.acquire(other_spec):  # evicts (parks) the first
+                pass
+            with manager.acquire(spec):
+                pass
+            back.append(last_record(manager, "unpark", spec.label).seconds)
+        times[name] = (statistics.median(cold), statistics.median(back))
+    manager.close()
+    return times
+
+
+def sequence(policy: str, scratch: Path, warm_tier_bytes: int = 0) -> tuple[float, float]:
     """Seconds for chat -> image -> vision -> transcription -> speech -> chat (after a warm-up pass),
-    and the seconds of it spent loading and unloading."""
-    manager = ModelManager(policy=policy, devices=detect_devices(24 * GIB), keep_alive_s=-1)  # type: ignore[arg-type]
-    modules = {m.name: m for m in build_modules(manager, scratch / policy)}
+    and the seconds of it spent loading and unloading (parking and moving back included)."""
+    manager = ModelManager(
+        policy=policy,  # type: ignore[arg-type]
+        devices=detect_devices(24 * GIB),
+        keep_alive_s=-1,
+        warm_tier_bytes=warm_tier_bytes,
+    )
+    modules = {m.name: m for m in build_modules(manager, scratch / f"{policy}-{warm_tier_bytes}")}
     order = ["chat", "image", "vision", "transcription", "speech", "chat"]
     for name in order:  # warm-up: everything loaded once, files in the page cache
         modules[name].request()
@@ -213,12 +244,20 @@ def main() -> None:
                             measured["warm"], False))  # fmt: skip
             rows.append(Row(f"swap: {module.name} unload (memory measured back)", "s", None, measured["unload"], False))
         manager.close()
+        for name, (cold, back) in warm_tier_times(scratch).items():
+            print(f"warm tier, {name}: load from disk {cold:.3f} s, back from RAM {back:.4f} s")
+            rows.append(Row(f"swap: {name} back from the warm tier vs loaded from disk (CPU)", "s", cold, back, False))
         one, one_loading = sequence("one_at_a_time", scratch)
+        warm, warm_loading = sequence("one_at_a_time", scratch, warm_tier_bytes=4 * GIB)
         budget, budget_loading = sequence("vram_budget", scratch)
     print(f"sequence chat->image->vision->transcription->speech->chat: one_at_a_time {one:.2f} s "
-          f"({one_loading:.2f} s swapping), vram_budget {budget:.2f} s ({budget_loading:.2f} s)")  # fmt: skip
+          f"({one_loading:.2f} s swapping), with the warm tier {warm:.2f} s ({warm_loading:.2f} s), "
+          f"vram_budget {budget:.2f} s ({budget_loading:.2f} s)")  # fmt: skip
     rows.append(Row("swap sequence, 6 small requests: vram_budget vs one_at_a_time", "s", one, budget, False))
+    rows.append(Row("swap sequence: one_at_a_time with the warm tier vs without", "s", one, warm, False))
     rows.append(Row("swap sequence: loading and unloading under one_at_a_time", "s", None, one_loading, False))
+    rows.append(Row("swap sequence: loading, parking and moving back with the warm tier", "s", None, warm_loading,
+                    False))  # fmt: skip
     write_rows(args.json, rows)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from errors import AppError, BadInputError, ModelLoadError
 from model_manager import LoadedModel, LoadSpec
+from model_memory.torch_parking import park_modules, unpark_modules
 from stable_diffusion.models import (
     FAMILY_NAMES,
     INPAINTING_UNET_CHANNELS,
@@ -92,6 +93,20 @@ def load_image_pipeline(spec: LoadSpec) -> LoadedModel:
     pipe.set_progress_bar_config(disable=True)
     loaded = LoadedImageModel(pipe=pipe, family=family, base_scheduler_config=dict(pipe.scheduler.config))
     return LoadedModel(model=loaded, reported_bytes=_parameter_bytes(pipe))
+
+
+def park_image_pipeline(loaded: LoadedImageModel, spec: LoadSpec) -> LoadedImageModel:
+    """The warm tier: the pipeline's weights (LoRA layers included) into CPU RAM, in place, so the
+    pipelines made from it for img2img and inpainting, and the prompt encoder, stay valid."""
+    if spec.device != "cpu":
+        park_modules(module for _, module in _pipeline_modules(loaded.pipe))
+    return loaded
+
+
+def unpark_image_pipeline(loaded: LoadedImageModel, spec: LoadSpec) -> LoadedImageModel:
+    if spec.device != "cpu":
+        unpark_modules((module for _, module in _pipeline_modules(loaded.pipe)), spec.device)
+    return loaded
 
 
 def _inpainting_unet(path: Path, config: str, dtype: Any) -> Any:

@@ -152,6 +152,14 @@ def format_status(status: ManagerStatus) -> str:
             )
     else:
         lines.append("No model is loaded; the next request loads one.")
+    if status.parked:
+        parked = ", ".join(f"{m.label} ({format_size(m.size_bytes)})" for m in status.parked)
+        used = sum(m.size_bytes for m in status.parked)
+        lines += [
+            "",
+            f"**Parked in RAM** (back in a copy, not a load; {format_size(used)} of "
+            f"{format_size(status.warm_tier_budget_bytes)}): {parked}",
+        ]
     if status.history:
         last = status.history[-1]
         when = time.strftime("%H:%M:%S", time.localtime(last.at))
