@@ -16,7 +16,7 @@ import os
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +333,16 @@ class ChatService:
             "chat", path, device=device, n_ctx=self._settings.context_size, gpu_layers=gpu_layers, threads=threads
         )
 
+    def spec_for_now(self, path: Path) -> LoadSpec:
+        """The model's spec for a request made now: on the GPU as configured, or, while the GPU is
+        busy with another model (chat.cpu_when_gpu_busy), a copy wholly on the CPU that answers
+        at once instead of waiting."""
+        spec = self.load_spec(path)
+        if spec.device == "cpu" or not self._settings.cpu_when_gpu_busy or not self._manager.would_wait(spec):
+            return spec
+        log.info("the GPU is busy: %s answers on the CPU", spec.label)
+        return replace(spec, device="cpu", options=tuple((k, 0 if k == "gpu_layers" else v) for k, v in spec.options))
+
     def _load(self, spec: LoadSpec) -> LoadedModel:
         """Load the model; give it back the prompt it had evaluated when it was last unloaded."""
         loaded = load_chat_model(spec)
@@ -400,7 +410,8 @@ class ChatService:
         def pieces(stream: TextStream) -> Iterator[str]:
             stream.model_name = resolved.name
             stream.seed = seed
-            spec = self.load_spec(resolved.path)
+            spec = self.spec_for_now(resolved.path)
+            stream.device = spec.device
             try:
                 with self._manager.acquire(spec, cancel=cancel) as model:
                     settings = (system, turns, params, seed, cancel, stream, constraint, continuing)

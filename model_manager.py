@@ -540,6 +540,37 @@ class ModelManager:
         with self._cond:
             self._loaders[kind] = loader
 
+    def would_wait(self, spec: LoadSpec) -> bool:
+        """Whether a request for ``spec`` made now would wait for other requests: its model is busy,
+        or it is not resident and its device's memory is held by models in use, or a swap or queued
+        requests are ahead of it. A load that only evicts idle models is not a wait. A hint, for
+        choosing a cheaper path (chat on the CPU while the GPU draws); ``acquire`` decides."""
+        with self._cond:
+            if self._queue or self._transition_in_progress:
+                return True
+            entry = self._entries.get(spec)
+            if entry is not None:
+                return entry.state is not ModelState.READY or entry.in_use
+            device = spec.budget_device
+            if device not in self._devices:
+                return False
+            resident = [
+                ResidentInfo(e.spec, e.size_bytes, e.last_used, e.in_use)
+                for e in self._entries.values()
+                if e.spec.budget_device == device
+            ]
+            if not any(r.in_use for r in resident):
+                return False
+        needed = self._estimate(spec)  # file I/O: outside the lock
+        with self._cond:
+            resident = [
+                ResidentInfo(e.spec, e.size_bytes, e.last_used, e.in_use)
+                for e in self._entries.values()
+                if e.spec.budget_device == device
+            ]
+            plan = plan_eviction(needed, resident, self.policy, self._devices[device].budget_bytes)
+            return bool(plan.wait_for)
+
     # -- borrowing ---------------------------------------------------------
 
     @contextlib.contextmanager

@@ -94,6 +94,7 @@ class ChatSettings(_Strict):
     system_prompt: str = "You are a helpful assistant."
     max_message_chars: int = Field(32000, ge=1)
     kept_prompt_mb: int = Field(1024, ge=0)  # the evaluated conversation kept over a swap; 0: off
+    cpu_when_gpu_busy: bool = True  # answer on a CPU copy of the model while the GPU is busy
     defaults: GenerationDefaults = GenerationDefaults()
 
     @field_validator("threads")

@@ -62,6 +62,7 @@ class TextStream:
     def __init__(self, pieces: Callable[[TextStream], Iterator[str]]) -> None:
         self._pieces = pieces(self)
         self.model_name = ""
+        self.device = ""  # where it was generated: "cuda", or "cpu" (also while the GPU was busy)
         self.seed = -1
         self.prompt_tokens = 0
         self.completion_tokens = 0
