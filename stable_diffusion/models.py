@@ -20,7 +20,7 @@ from errors import ModelLoadError
 
 Family = Literal["sd15", "sdxl", "sdxl_turbo"]
 FAMILY_NAMES: dict[str, str] = {"sd15": "Stable Diffusion 1.5", "sdxl": "SDXL", "sdxl_turbo": "SDXL-Turbo"}
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # shipped at the top: no weights, only configs
 SHIPPED_CONFIGS: dict[str, Path] = {"sd15": CONFIGS_DIR / "sd15", "sdxl": CONFIGS_DIR / "sdxl"}
 PIPELINE_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 

@@ -203,6 +203,23 @@ def test_single_file_and_folder_give_the_same_picture(tiny: Tiny, tmp_path: Path
     np.testing.assert_array_equal(first, pixels(from_file, request))
 
 
+@pytest.mark.parametrize(("family", "width"), [("sd15", 768), ("sdxl", 2048)])
+def test_a_single_file_is_read_against_the_shipped_config_folders(
+    tiny: Tiny, tmp_path: Path, family: str, width: int
+) -> None:
+    """Without config folders given (as the app runs), a single file is described by configs/."""
+    model: TinyModel = getattr(tiny, family)
+    service = ImageService(
+        ModelManager(keep_alive_s=-1),
+        ImageSettings(model=str(model.single_file), outputs_dir=tmp_path / "outputs"),
+        tmp_path / "models",
+        device="cpu",
+    )
+    resolved = service.resolve_model()
+    assert resolved.config == ROOT / "configs" / ("sd15" if family == "sd15" else "sdxl")
+    assert resolved.cross_attention_dim == width, "the published architecture's text width"
+
+
 def test_family_setting_overrides_detection(tiny: Tiny, tmp_path: Path) -> None:
     service = make_service(tiny, tiny.sdxl.folder, tmp_path, family="sdxl_turbo")
     result = service.generate(ImageRequest(PROMPT, guidance=5.0, seed=1), save=False)
