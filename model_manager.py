@@ -973,13 +973,12 @@ class ModelManager:
         for parked in parked_models:
             started = time.perf_counter()
             close, parked.close, parked.model = parked.close, None, None
+            gc.collect()  # the weights are freed first: a close may then give their pinned RAM back
             try:
                 if close is not None:
                     close()
             except Exception:
                 log.exception("closing the parked %s failed; it is dropped anyway", parked.key)
-            finally:
-                gc.collect()
             label = parked.key.label if isinstance(parked.key, LoadSpec) else str(parked.key)
             self._record("unload", label, time.perf_counter() - started, parked.size_bytes)
             log.info("dropped %s from the warm tier", label)

@@ -29,7 +29,7 @@ from errors import (
 )
 from media.images import ImageSource, load_image
 from model_manager import CatalogEntry, ComputeThread, LoadedModel, Loader, LoadSpec, ModelManager
-from model_memory.torch_parking import park_modules, unpark_modules
+from model_memory.torch_parking import park_modules, release_pinned_memory, unpark_modules
 from settings import VisionSettings
 from text_generation.context import fit_to_context
 from text_generation.conversation import SYSTEM_ROLES, accepts_system_role, normalise
@@ -241,7 +241,9 @@ def load_vision_model(spec: LoadSpec) -> LoadedModel:
             f"incomplete or not in the transformers layout: {DOWNLOAD_HINT} again, or try vision.precision: fp32"
         ) from error
     model.eval()
-    return LoadedModel(model=LoadedVisionModel(model, processor), reported_bytes=int(model.get_memory_footprint()))
+    loaded = LoadedVisionModel(model, processor)
+    # Closing after a stay in the warm tier gives the pinned RAM back.
+    return LoadedModel(model=loaded, reported_bytes=int(model.get_memory_footprint()), close=release_pinned_memory)
 
 
 def park_vision_model(loaded: LoadedVisionModel, spec: LoadSpec) -> LoadedVisionModel | None:

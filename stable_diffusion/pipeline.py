@@ -17,7 +17,7 @@ from typing import Any
 
 from errors import AppError, BadInputError, ModelLoadError
 from model_manager import LoadedModel, LoadSpec
-from model_memory.torch_parking import park_modules, unpark_modules
+from model_memory.torch_parking import park_modules, release_pinned_memory, unpark_modules
 from stable_diffusion.models import (
     FAMILY_NAMES,
     INPAINTING_UNET_CHANNELS,
@@ -92,7 +92,8 @@ def load_image_pipeline(spec: LoadSpec) -> LoadedModel:
         ) from error
     pipe.set_progress_bar_config(disable=True)
     loaded = LoadedImageModel(pipe=pipe, family=family, base_scheduler_config=dict(pipe.scheduler.config))
-    return LoadedModel(model=loaded, reported_bytes=_parameter_bytes(pipe))
+    # Closing after a stay in the warm tier gives the pinned RAM back.
+    return LoadedModel(model=loaded, reported_bytes=_parameter_bytes(pipe), close=release_pinned_memory)
 
 
 def park_image_pipeline(loaded: LoadedImageModel, spec: LoadSpec) -> LoadedImageModel:

@@ -328,3 +328,48 @@ def test_the_status_panel_lists_parked_models() -> None:
     machine.use("b")
     text = format_status(machine.manager.status())
     assert "Parked in RAM" in text and "image:a.bin (4.00 GiB)" in text and "of 16.00 GiB" in text
+
+
+def test_the_arena_packs_tensors_of_any_dtype_into_shared_blocks() -> None:
+    import torch
+
+    from model_memory.torch_parking import PinnedArena
+
+    arena = PinnedArena(pin=False, block_bytes=4096)  # pinning needs CUDA; the packing is the same
+    sources = [
+        torch.arange(10, dtype=torch.float16),
+        torch.arange(7, dtype=torch.float32).reshape(7, 1),
+        torch.tensor([True, False, True]),
+        torch.arange(300, dtype=torch.int64).reshape(3, 100),  # 2400 bytes: the first block still holds it
+        torch.arange(1000, dtype=torch.float32),  # 4000 bytes: starts a second block
+        torch.arange(2000, dtype=torch.float32),  # larger than a block: its own allocation
+        torch.empty(0, 3),
+    ]
+    copies = []
+    for source in sources:
+        copy = arena.empty_like(source)
+        copy.copy_(source)
+        copies.append(copy)
+    for source, copy in zip(sources, copies, strict=True):
+        assert copy.dtype == source.dtype and copy.shape == source.shape and torch.equal(copy, source)
+    assert (
+        copies[0].untyped_storage().data_ptr()
+        == copies[1].untyped_storage().data_ptr()
+        == copies[2].untyped_storage().data_ptr()
+    )
+    assert copies[1].data_ptr() % 64 == 0 and copies[2].data_ptr() % 64 == 0
+    assert copies[3].untyped_storage().data_ptr() == copies[0].untyped_storage().data_ptr()
+    assert copies[4].untyped_storage().data_ptr() != copies[0].untyped_storage().data_ptr()
+    assert arena.allocated_bytes == 2 * 4096 + 8000, "two blocks and the one large tensor"
+
+
+def test_parking_a_model_on_the_cpu_leaves_it_alone() -> None:
+    import torch
+
+    from model_memory.torch_parking import park_modules, unpark_modules
+
+    layer = torch.nn.Linear(4, 4)
+    address = layer.weight.data_ptr()
+    assert park_modules([layer]) == 0
+    unpark_modules([layer], "cpu")
+    assert layer.weight.data_ptr() == address
