@@ -24,7 +24,6 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))  # tin
 import offline  # noqa: F401, I001 - keep libraries offline
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -43,6 +42,7 @@ from speech_to_text import TranscriptionService
 from text_to_speech import SpeechService
 from vision import VisionService
 
+from page_cache import drop_from_page_cache, files_of, read_bandwidth
 from rows import Row, write_rows
 
 RUNS = 3
@@ -53,36 +53,6 @@ class Module:
     name: str
     spec: Callable[[], LoadSpec]
     request: Callable[[], Any]  # a small real request through the service
-
-
-def files_of(path: Path) -> list[Path]:
-    return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
-
-
-def drop_from_page_cache(path: Path) -> None:
-    for file in files_of(path):
-        with file.open("rb") as handle:
-            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def read_all(path: Path) -> int:
-    total = 0
-    for file in files_of(path):
-        with file.open("rb", buffering=0) as handle:
-            while chunk := handle.read(8 << 20):
-                total += len(chunk)
-    return total
-
-
-def bandwidth(path: Path, cold: bool) -> float:
-    """Bytes per second reading ``path``'s files, from disk (cold) or from the page cache."""
-    if cold:
-        drop_from_page_cache(path)
-    else:
-        read_all(path)
-    started = time.perf_counter()
-    size = read_all(path)
-    return size / (time.perf_counter() - started)
 
 
 def build_modules(manager: ModelManager, scratch: Path) -> Iterator[Module]:
@@ -169,8 +139,8 @@ def load_times(manager: ModelManager, module: Module) -> dict[str, float]:
         "cold": statistics.median(cold),
         "warm": statistics.median(warm),
         "unload": statistics.median(unload),
-        "disk": bandwidth(path, cold=True),
-        "cache": bandwidth(path, cold=False),
+        "disk": read_bandwidth(path, cold=True),
+        "cache": read_bandwidth(path, cold=False),
     }
 
 

@@ -8,6 +8,10 @@ Layer widths are 64 so bitsandbytes can quantise it on the CPU.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE = 32
@@ -36,7 +40,6 @@ TRAINING_TEXT = [
 def build_tokenizer(vocab_size: int = 384):  # -> PreTrainedTokenizerFast
     """A byte-level BPE trained on a few sentences, with LLaVA's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -48,6 +51,13 @@ def build_tokenizer(vocab_size: int = 384):  # -> PreTrainedTokenizerFast
         show_progress=False,
     )
     backend.train_from_iterator(TRAINING_TEXT, trainer=trainer)
+    return fast_tokenizer(backend)
+
+
+def fast_tokenizer(backend: Tokenizer):  # -> PreTrainedTokenizerFast
+    """A transformers tokenizer around a ``tokenizers`` one, with LLaVA's special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="<unk>",
