@@ -540,10 +540,25 @@ class ImageService:
         with self._cache_lock:
             known = self._hashes.get(key)
         if known is None:
-            known = model_hash(model.path)
+            known = self._hash_from_manifest(model.path, stat.st_size) or model_hash(model.path)
             with self._cache_lock:
                 self._hashes[key] = known
         return known
+
+    def _hash_from_manifest(self, path: Path, size: int) -> str | None:
+        """A single-file checkpoint's hash from models/manifest.json (written by 'models download' or
+        'models manifest', checked by 'models verify'), so the first picture after a start does not
+        wait for gigabytes to be read. None when the manifest does not list the file at this size."""
+        from model_files.manifest import read_manifest
+
+        try:
+            relative = path.resolve().relative_to(self._models_dir.resolve()).as_posix()
+            entry = read_manifest(self._models_dir)["files"].get(relative)
+        except (ValueError, OSError, AppError):
+            return None
+        if path.is_dir() or entry is None or entry["size"] != size:
+            return None
+        return str(entry["sha256"])[:10]
 
     def _run_or_make_room(self, job: _Job, seed: int, done: int) -> Image.Image:
         """One image; when the device runs out of memory, unload the other idle models, decode with

@@ -38,7 +38,7 @@ from model_manager import ModelManager
 from settings import ChatSettings, ImageDefaults, ImageSettings
 from stable_diffusion.lora import parse_prompt_loras
 from stable_diffusion.metadata import parse_parameters, read_png_parameters, request_from_parameters
-from stable_diffusion.models import detect_family
+from stable_diffusion.models import detect_family, model_hash
 from stable_diffusion.pipeline import LoadedImageModel
 from text_generation.stream import GenerationParams
 
@@ -946,3 +946,23 @@ def test_an_inpainting_checkpoint_picked_as_the_model_makes_every_kind_of_pictur
         service.generate(dataclasses.replace(hires, hires_upscaler="Latent"), save=False)
     folder = make_service(tiny, model.folder, tmp_path)
     assert np.array_equal(pixels(folder, ImageRequest(prompt=PROMPT, seed=1, steps=2)), drawn), "file = folder"
+
+
+def test_a_checkpoint_listed_in_the_manifest_is_not_read_again_for_its_hash(tiny: Tiny, tmp_path: Path) -> None:
+    import json
+
+    models = tmp_path / "models"
+    models.mkdir()
+    checkpoint = models / "listed.safetensors"
+    shutil.copy(tiny.sd15.single_file, checkpoint)
+    size = checkpoint.stat().st_size
+    listed = {"files": {"listed.safetensors": {"size": size, "sha256": "0123456789" + "a" * 54}}}
+    (models / "manifest.json").write_text(json.dumps(listed), encoding="utf-8")
+    service = make_service(tiny, checkpoint, tmp_path)
+    request = ImageRequest(PROMPT, seed=3)
+    assert "Model hash: 0123456789," in service.generate(request, save=False).images[0].parameters
+    listed["files"]["listed.safetensors"]["size"] = size + 1  # the file changed since: read it
+    (models / "manifest.json").write_text(json.dumps(listed), encoding="utf-8")
+    fresh = make_service(tiny, checkpoint, tmp_path)  # the same folder, a new service: nothing cached
+    parameters = fresh.generate(request, save=False).images[0].parameters
+    assert f"Model hash: {model_hash(checkpoint)}," in parameters
