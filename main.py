@@ -11,19 +11,23 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from assistant.dispatch import Assistant
 from chat import ChatService
 from generator import ImageService
 from cli import EXIT_ERROR, Console, build_parser, run_command
 from errors import AppError
-from model_manager import GIB, ModelManager, detect_devices
+from model_manager import GIB, ModelManager, detect_devices, warm_tier_budget
 from settings import Settings, load_settings, require_safe_exposure
 from vision import VisionService
 from speech_to_text import TranscriptionService
 from text_to_speech import SpeechService
 from services import Services
 from stable_diffusion.metadata import remove_partial_files
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 SHUTDOWN_GRACE_S = 3
@@ -33,12 +37,14 @@ log = logging.getLogger("enclave")
 def build_services(settings: Settings) -> Services:
     budgets = settings.manager
     cpu_budget = None if budgets.cpu_memory_budget_gb == "auto" else int(budgets.cpu_memory_budget_gb * GIB)
+    devices = detect_devices(int(budgets.gpu_memory_budget_gb * GIB), cpu_budget)
     manager = ModelManager(
         policy=budgets.policy,
-        devices=detect_devices(int(budgets.gpu_memory_budget_gb * GIB), cpu_budget),
+        devices=devices,
         keep_alive_s=budgets.keep_alive_s,
         wait_timeout_s=budgets.wait_timeout_s,
         max_queue=budgets.max_queue,
+        warm_tier_bytes=warm_tier_budget(budgets.warm_tier_gb, devices),
     )
     return Services(
         manager=manager,
@@ -52,23 +58,21 @@ def build_services(settings: Settings) -> Services:
     )
 
 
-def serve(services: Services, settings: Settings, host: str, port: int) -> int:
-    import uvicorn
-
+def build_app(services: Services, settings: Settings) -> "FastAPI":
+    """The app ``serve`` runs: the API (behind settings.server's key), the assistant for model
+    "auto", and the web UI at /. Benchmarks build the same one."""
     from api.app import create_app
     from conversations.store import ConversationStore
-    from media.ffmpeg import ensure_ffmpeg
     from webui.app import UI_CSS, build_ui
 
-    server = settings.server.model_copy(update={"host": host, "port": port})
-    require_safe_exposure(server)
+    require_safe_exposure(settings.server)
     assistant = Assistant(services, settings.assistant)
     store = ConversationStore(settings.data_dir / "conversations")
     exports_dir = settings.data_dir / "exports"
     demo = build_ui(services, settings, assistant, store, exports_dir)
-    app = create_app(
+    return create_app(
         services,
-        server,
+        settings.server,
         settings.image.outputs_dir,
         demo,
         assistant,
@@ -76,6 +80,15 @@ def serve(services: Services, settings: Settings, host: str, port: int) -> int:
         ui_folders=[store.files_dir, exports_dir],
         css=UI_CSS,
     )
+
+
+def serve(services: Services, settings: Settings, host: str, port: int) -> int:
+    import uvicorn
+
+    from media.ffmpeg import ensure_ffmpeg
+
+    server = settings.server.model_copy(update={"host": host, "port": port})
+    app = build_app(services, settings.model_copy(update={"server": server}))
     removed = remove_partial_files(settings.image.outputs_dir)
     if removed:
         log.info("removed %d unfinished image file(s) left by an earlier crash", removed)
