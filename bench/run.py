@@ -27,8 +27,15 @@ BENCHMARKS: dict[str, list[str]] = {  # name: arguments (default settings; runs 
     "image": ["generate.py", "--runs", "6", "--warmup", "1"],
     "voice": ["voice.py"],
     "swap": ["swap.py"],
+    "batch": ["batch.py"],
 }
-QUICK_RUNS = {"chat": ["--runs", "4"], "api": ["--runs", "4"], "vision": ["--runs", "5"], "voice": ["--runs", "2"]}
+QUICK_RUNS = {
+    "chat": ["--runs", "4"],
+    "api": ["--runs", "4"],
+    "vision": ["--runs", "5"],
+    "voice": ["--runs", "2"],
+    "batch": ["--runs", "1"],
+}
 
 
 def main() -> None:
