@@ -23,6 +23,7 @@ from typing import Any
 from errors import BadInputError, ModelLoadError, ModelMissingError, RequestCancelledError, TooLargeError
 from model_manager import CatalogEntry, LoadedModel, Loader, LoadSpec, ModelManager
 from settings import ChatSettings
+from text_generation.batch_decoding import BatchDecoder, BatchRequest, Finished, Prepared, RequestBatcher
 from text_generation.context import fit_to_context
 from text_generation.conversation import accepts_system_role, normalise
 from text_generation.grammar import compile_grammar
@@ -63,6 +64,7 @@ class LoadedChatModel:
     llama: Any  # llama_cpp.Llama
     render: Callable[[Sequence[Message]], tuple[str, list[str]]]  # messages -> (prompt, stop strings)
     bos_text: str
+    batch: BatchDecoder | None = None  # a second context for requests decoded together, made on first use
 
     @property
     def context_size(self) -> int:
@@ -228,6 +230,8 @@ class ChatService:
         # The evaluated prompt of the chat model last unloaded: (its spec, llama.cpp's saved state).
         self._kept_prompt: tuple[LoadSpec, Any] | None = None
         self._kept_lock = threading.Lock()
+        self._batchers: dict[LoadSpec, RequestBatcher] = {}  # requests decoded together, per model
+        self._batchers_lock = threading.Lock()
         manager.register_loader(
             "chat", Loader(load=self._load, estimate_bytes=self._estimate_bytes, on_compute_thread=True)
         )
@@ -356,10 +360,15 @@ class ChatService:
             except Exception as error:  # a state that does not fit: evaluate afresh
                 log.warning("could not restore the evaluated prompt of %s: %s", spec.label, error)
                 llama.reset()
-        return LoadedModel(loaded.model, loaded.reported_bytes, close=lambda: self._keep_and_close(spec, llama))
+        model = loaded.model
+        return LoadedModel(model, loaded.reported_bytes, close=lambda: self._keep_and_close(spec, model))
 
-    def _keep_and_close(self, spec: LoadSpec, llama: Any) -> None:
+    def _keep_and_close(self, spec: LoadSpec, model: LoadedChatModel) -> None:
         """Unloading: keep what the model had evaluated (within chat.kept_prompt_mb), then free it."""
+        llama = model.llama
+        if model.batch is not None:
+            model.batch.close()
+            model.batch = None
         try:
             limit = self._settings.kept_prompt_mb * 2**20
             if limit and llama.n_tokens > 0:
@@ -413,6 +422,9 @@ class ChatService:
             spec = self.spec_for_now(resolved.path)
             stream.device = spec.device
             try:
+                if constraint is None and not continuing and self._joins_a_batch(spec):
+                    yield from self._batched(spec, system, turns, params, seed, cancel, stream)
+                    return
                 with self._manager.acquire(spec, cancel=cancel) as model:
                     settings = (system, turns, params, seed, cancel, stream, constraint, continuing)
                     # llama.cpp's threads run on the compute thread, with the other models' (ComputeThread)
@@ -454,6 +466,70 @@ class ChatService:
                 )
             )
             return stream.text()
+
+    # -- several requests at once -------------------------------------------
+
+    def _joins_a_batch(self, spec: LoadSpec) -> bool:
+        """Whether a request is decoded together with others (chat.parallel_requests): when the model
+        is busy with another chat request, or a batch is already going. A request alone keeps the
+        single path, whose context keeps the conversation evaluated from one turn to the next."""
+        if self._settings.parallel_requests < 2:
+            return False
+        with self._batchers_lock:
+            batcher = self._batchers.get(spec)
+        return (batcher is not None and batcher.running) or self._manager.is_busy(spec)
+
+    def _batched(
+        self,
+        spec: LoadSpec,
+        system: Message | None,
+        turns: list[Message],
+        params: GenerationParams,
+        seed: int,
+        cancel: threading.Event | None,
+        stream: TextStream,
+    ) -> Iterator[str]:
+        def prepare(model: LoadedChatModel) -> Prepared:
+            fitted = fit_to_context(model.tokens_for, system, turns, self._settings.context_size, params.max_tokens)
+            return Prepared(fitted.tokens, fitted.max_tokens, [*fitted.stop, *params.stop], fitted.dropped_messages)
+
+        request = BatchRequest(prepare, params.temperature, params.top_p, params.repeat_penalty, seed, cancel)
+        with self._batchers_lock:
+            batcher = self._batchers.get(spec)
+            if batcher is None:
+                batcher = self._batchers[spec] = RequestBatcher(
+                    functools.partial(self._run_batch, spec), functools.partial(self._manager.others_waiting, spec)
+                )
+        batcher.submit(request)
+        try:
+            for item in request.results():
+                if isinstance(item, Finished):
+                    stream.finish_reason = item.reason
+                    stream.prompt_tokens, stream.completion_tokens = item.prompt_tokens, item.completion_tokens
+                    stream.dropped_messages = item.dropped_messages
+                    break
+                if cancel is not None and cancel.is_set():  # pieces made before Stop stay unsaid
+                    stream.finish_reason = "cancelled"
+                    break
+                yield item
+        finally:
+            request.abandoned.set()  # a reader that left: the sequence stops at the next step
+
+    def _run_batch(
+        self, spec: LoadSpec, take: Callable[[int, bool], list[BatchRequest]], cancel: threading.Event
+    ) -> None:
+        """One batch run: borrow the model, and decode the requests on its compute thread."""
+        with self._manager.acquire(spec, cancel=cancel) as model:
+
+            def run() -> None:
+                if model.batch is None:
+                    threads = spec.option("threads")
+                    model.batch = BatchDecoder(
+                        model.llama, self._settings.parallel_requests, self._settings.context_size, threads
+                    )
+                model.batch.run(model, take)
+
+            self._manager.compute_thread(spec).call(run)
 
     def _check_messages(
         self, messages: Sequence[Message], system_prompt: str | None, *, continuing: bool = False

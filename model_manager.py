@@ -571,6 +571,20 @@ class ModelManager:
             plan = plan_eviction(needed, resident, self.policy, self._devices[device].budget_bytes)
             return bool(plan.wait_for)
 
+    def is_busy(self, spec: LoadSpec) -> bool:
+        """Whether the model for ``spec`` is loaded and lent to a request right now."""
+        with self._cond:
+            entry = self._entries.get(spec)
+            return entry is not None and entry.in_use
+
+    def others_waiting(self, spec: LoadSpec) -> bool:
+        """Whether requests for other models on ``spec``'s device wait in the queue (a batch of chat
+        requests then stops taking new ones, so the model goes to them in their turn)."""
+        with self._cond:
+            return any(
+                t.spec != spec and t.spec.budget_device == spec.budget_device and not t.cancelled for t in self._queue
+            )
+
     # -- borrowing ---------------------------------------------------------
 
     @contextlib.contextmanager
@@ -1010,6 +1024,7 @@ class ModelManager:
             if close is not None:
                 close()
         finally:
+            close = None  # a closer may hold the model (a closure): it must not outlive the call
             # A full garbage collection costs a few tenths of a second in a process holding PyTorch;
             # it is only needed when the model outlived its references (in reference cycles).
             self._release_cache(probe)

@@ -95,6 +95,7 @@ class ChatSettings(_Strict):
     max_message_chars: int = Field(32000, ge=1)
     kept_prompt_mb: int = Field(1024, ge=0)  # the evaluated conversation kept over a swap; 0: off
     cpu_when_gpu_busy: bool = True  # answer on a CPU copy of the model while the GPU is busy
+    parallel_requests: int = Field(1, ge=1, le=16)  # requests decoded together when several come at once
     defaults: GenerationDefaults = GenerationDefaults()
 
     @field_validator("threads")

@@ -146,7 +146,7 @@ def main() -> None:
         Row(f"chat first token ({model_name})", "s", raw_ttft, ours_ttft, higher_is_better=False, maximum=1.1),
     ]
     rows += later_turns(chat, args)
-    rows += several_clients(chat)
+    rows += several_clients(manager, model_path, args.context, threads)
     write_rows(args.json, rows)
     raw.close()
     manager.close()
@@ -203,40 +203,48 @@ def later_turns(chat: ChatService, args: argparse.Namespace) -> list[Row]:
     ]  # fmt: skip
 
 
-def several_clients(chat: ChatService, tokens: int = 48) -> list[Row]:
-    """Aggregate tokens/s with 4 and 16 clients asking at once, against one client. The model manager
-    lends the model to one request at a time: the others queue (first come, first served)."""
+def several_clients(manager: ModelManager, model_path: Path, context: int, threads: int, tokens: int = 48) -> list[Row]:
+    """Aggregate tokens/s with 4 and 16 clients asking at once, against one client, first as the model
+    manager serves them by default (one request at a time, the others queued), then with
+    chat.parallel_requests set to the number of clients (the requests that find the model busy are
+    decoded together). Each setting gets a fresh load of the model, through the same manager (and so
+    the same compute thread: a second one would slow both, README "Benchmarks")."""
+    from concurrent.futures import ThreadPoolExecutor
+
     params = GenerationParams(temperature=0.0, top_p=1.0, max_tokens=tokens, seed=1, repeat_penalty=1.0)
 
-    def one(index: int) -> int:
-        stream = chat.stream(ask(QUESTIONS[index % len(QUESTIONS)]), params)
-        stream.text()
-        return stream.completion_tokens
-
-    def aggregate(clients: int) -> tuple[float, float]:
+    def aggregate(parallel: int, clients: int) -> tuple[float, float]:
         """Tokens/s over all clients, and the longest a client waited for its whole answer."""
-        from concurrent.futures import ThreadPoolExecutor
+        manager.unload_all()
+        settings = ChatSettings(context_size=context, threads=threads, parallel_requests=parallel)
+        chat = ChatService(manager, settings, model_path)  # its loader replaces the last one's
 
-        started = time.perf_counter()
-        finished: list[float] = []
-
-        def timed_one(index: int) -> int:
-            produced = one(index)
+        def one(index: int) -> int:
+            stream = chat.stream(ask(QUESTIONS[index % len(QUESTIONS)]), params)
+            stream.text()
             finished.append(time.perf_counter() - started)
-            return produced
+            return stream.completion_tokens
 
+        finished: list[float] = []
+        started = time.perf_counter()
+        one(0)  # loaded, warmed up
+        finished.clear()
+        started = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
-            produced = sum(pool.map(timed_one, range(clients)))
+            produced = sum(pool.map(one, range(clients)))
         return produced / (time.perf_counter() - started), max(finished)
 
-    one(0)
-    single, _ = aggregate(1)
+    single, _ = aggregate(1, 1)
     rows = []
     for clients in (4, 16):
-        total, longest = aggregate(clients)
-        print(f"{clients} clients at once: {total:.1f} tokens/s together (1 client: {single:.1f}); "
-              f"the last answer took {longest:.1f} s")  # fmt: skip
-        rows.append(Row(f"chat aggregate tokens/s, {clients} clients at once vs 1", "tokens/s", single, total))
+        queued, queued_longest = aggregate(1, clients)
+        together, together_longest = aggregate(clients, clients)
+        print(f"{clients} clients at once: {queued:.1f} tokens/s together one at a time, {together:.1f} decoded "
+              f"together (1 client: {single:.1f}); the last answer took {queued_longest:.1f} s and "
+              f"{together_longest:.1f} s")  # fmt: skip
+        rows.append(Row(f"chat aggregate tokens/s, {clients} clients at once vs 1", "tokens/s", single, queued))
+        rows.append(Row(f"chat aggregate tokens/s, {clients} clients: parallel_requests {clients} vs 1", "tokens/s",
+                        queued, together))  # fmt: skip
     return rows
 
 
