@@ -515,9 +515,7 @@ class ChatService:
         finally:
             request.abandoned.set()  # a reader that left: the sequence stops at the next step
 
-    def _run_batch(
-        self, spec: LoadSpec, take: Callable[[int, bool], list[BatchRequest]], cancel: threading.Event
-    ) -> None:
+    def _run_batch(self, spec: LoadSpec, take: Callable[[int], list[BatchRequest]], cancel: threading.Event) -> None:
         """One batch run: borrow the model, and decode the requests on its compute thread."""
         with self._manager.acquire(spec, cancel=cancel) as model:
 

@@ -554,12 +554,7 @@ class ModelManager:
             device = spec.budget_device
             if device not in self._devices:
                 return False
-            resident = [
-                ResidentInfo(e.spec, e.size_bytes, e.last_used, e.in_use)
-                for e in self._entries.values()
-                if e.spec.budget_device == device
-            ]
-            if not any(r.in_use for r in resident):
+            if not any(e.in_use for e in self._entries.values() if e.spec.budget_device == device):
                 return False
         needed = self._estimate(spec)  # file I/O: outside the lock
         with self._cond:
@@ -984,10 +979,15 @@ class ModelManager:
 
     def _close_parked(self, parked_models: list[ParkedModel]) -> None:
         """Unload models taken out of the warm tier (never raises)."""
+        if not parked_models:
+            return
+        started = time.perf_counter()
+        closers = []
         for parked in parked_models:
-            started = time.perf_counter()
-            close, parked.close, parked.model = parked.close, None, None
-            gc.collect()  # the weights are freed first: a close may then give their pinned RAM back
+            closers.append(parked.close)
+            parked.close = parked.model = None
+        gc.collect()  # the weights are freed first: a close may then give their pinned RAM back
+        for parked, close in zip(parked_models, closers, strict=True):
             try:
                 if close is not None:
                     close()
@@ -996,8 +996,8 @@ class ModelManager:
             label = parked.key.label if isinstance(parked.key, LoadSpec) else str(parked.key)
             self._record("unload", label, time.perf_counter() - started, parked.size_bytes)
             log.info("dropped %s from the warm tier", label)
-        if parked_models and "cpu" in self._devices:
-            self._collect(self._devices["cpu"].probe)
+        if "cpu" in self._devices:
+            self._release_cache(self._devices["cpu"].probe)
 
     def _unload(self, entry: _Entry, *, may_park: bool = True) -> None:
         """Park the model in the warm tier if allowed and possible, else drop every reference the

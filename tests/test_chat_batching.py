@@ -151,7 +151,7 @@ def test_a_batch_gives_way_to_requests_for_other_models() -> None:
     waiting = {"others": False}
 
     def run_batch(take: object, cancel: threading.Event) -> None:
-        taken.append(take(4, True))  # type: ignore[operator]
+        taken.append(take(4))  # type: ignore[operator]
 
     batcher = RequestBatcher(run_batch, lambda: waiting["others"])
     waiting["others"] = True

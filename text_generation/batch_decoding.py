@@ -145,14 +145,14 @@ class BatchDecoder:
         self._lib.llama_batch_free(self._batch)
         self._lib.llama_free(self._ctx)
 
-    def run(self, model: Any, take: Callable[[int, bool], list[BatchRequest]]) -> None:
-        """Serve requests until ``take`` has none left. ``take(free, wait)`` returns up to ``free`` new
-        requests; with ``wait`` (nothing is going) it may block for one, and [] ends the run."""
+    def run(self, model: Any, take: Callable[[int], list[BatchRequest]]) -> None:
+        """Serve requests until ``take`` has none left: ``take(free)`` returns up to ``free`` new
+        requests; [] while nothing is going ends the run."""
         live: dict[int, _Sequence] = {}
         try:
             while True:
                 free = [seq for seq in range(self.sequences) if seq not in live]
-                taken = take(len(free), not live) if free else []
+                taken = take(len(free)) if free else []
                 for request in taken:
                     self._admit(model, request, free.pop(0), live)
                 if live:
@@ -283,7 +283,7 @@ class RequestBatcher:
 
     def __init__(
         self,
-        run_batch: Callable[[Callable[[int, bool], list[BatchRequest]], threading.Event], None],
+        run_batch: Callable[[Callable[[int], list[BatchRequest]], threading.Event], None],
         others_waiting: Callable[[], bool],
     ) -> None:
         self._run_batch = run_batch
@@ -306,7 +306,7 @@ class RequestBatcher:
             self._running = True
         threading.Thread(target=self._run, name="chat-batch", daemon=True).start()
 
-    def _take(self, free: int, idle: bool) -> list[BatchRequest]:
+    def _take(self, free: int) -> list[BatchRequest]:
         with self._lock:
             if self._pending and self._others_waiting():
                 self._gave_way = True
